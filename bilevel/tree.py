@@ -1,0 +1,168 @@
+"""Parameter trees: the values every core function takes and returns.
+
+A parameter tree is any nest of dicts, lists and tuples whose leaves are tensors;
+in practice the ``dict[str, Tensor]`` that ``torch.func.functional_call`` expects.
+Trees are flattened with `optree`, the library TorchOpt flattens with, so trees
+produced by TorchOpt optimisers and by these helpers always agree.
+
+Every function here is pure, keeps each leaf on its device and dtype, and
+composes with ``torch.func`` transforms and with ``torch.autograd``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, TypeAlias
+
+import optree
+import torch
+from torch import Tensor, nn
+
+Tree: TypeAlias = Any
+"""A nest of dicts, lists and tuples with tensor leaves."""
+
+__all__ = [
+    "Tree",
+    "add",
+    "axpy",
+    "buffers_of",
+    "check_same_structure",
+    "detach",
+    "dot",
+    "leaves",
+    "map",
+    "norm",
+    "numel",
+    "params_of",
+    "ravel",
+    "scale",
+    "stack",
+    "sub",
+    "to",
+    "zeros_like",
+]
+
+
+def map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:  # noqa: A001
+    """Apply ``fn`` leafwise to one tree or to several trees of the same structure."""
+    return optree.tree_map(fn, tree, *rest, namespace="torch")
+
+
+def leaves(tree: Tree) -> list[Tensor]:
+    """The leaves of ``tree`` in flattening order."""
+    return optree.tree_leaves(tree, namespace="torch")
+
+
+def check_same_structure(a: Tree, b: Tree, names: tuple[str, str] = ("a", "b")) -> None:
+    """Raise ``ValueError`` naming both arguments when ``a`` and ``b`` differ in
+    structure or in any leaf's shape."""
+    spec_a = optree.tree_structure(a, namespace="torch")
+    spec_b = optree.tree_structure(b, namespace="torch")
+    if spec_a != spec_b:
+        raise ValueError(
+            f"`{names[0]}` and `{names[1]}` must be trees of the same structure; "
+            f"got {spec_a} and {spec_b}"
+        )
+    paths = optree.tree_paths(a, namespace="torch")
+    for path, leaf_a, leaf_b in zip(paths, leaves(a), leaves(b), strict=True):
+        if leaf_a.shape != leaf_b.shape:
+            where = "/".join(str(p) for p in path) or "<root>"
+            raise ValueError(
+                f"`{names[0]}` and `{names[1]}` differ at leaf {where!r}: "
+                f"shape {tuple(leaf_a.shape)} against {tuple(leaf_b.shape)}"
+            )
+
+
+def params_of(module: nn.Module, *, detach: bool = False) -> dict[str, Tensor]:
+    """The parameters of ``module`` as a ``functional_call`` tree (name -> tensor).
+
+    With ``detach=True`` the leaves are detached copies that require grad, the
+    usual starting point of a functional training loop."""
+    params = dict(module.named_parameters())
+    if detach:
+        return {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
+    return params
+
+
+def buffers_of(module: nn.Module) -> dict[str, Tensor]:
+    """The buffers of ``module`` as a ``functional_call`` tree."""
+    return dict(module.named_buffers())
+
+
+def stack(modules: Iterable[nn.Module]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Stack the parameters and buffers of same-shaped modules along a new leading
+    axis of size ``len(modules)``, for ``vmap(functional_call)`` over an ensemble."""
+    modules = list(modules)
+    if not modules:
+        raise ValueError("`modules` must hold at least one module; got an empty sequence")
+    return torch.func.stack_module_state(modules)
+
+
+def add(a: Tree, b: Tree) -> Tree:
+    """``a + b`` leafwise."""
+    return map(torch.add, a, b)
+
+
+def sub(a: Tree, b: Tree) -> Tree:
+    """``a - b`` leafwise."""
+    return map(torch.sub, a, b)
+
+
+def scale(a: Tree, s: float | Tensor) -> Tree:
+    """``s * a`` for a scalar ``s`` (a float or a 0-dim tensor)."""
+    return map(lambda x: x * s, a)
+
+
+def axpy(alpha: float | Tensor, x: Tree, y: Tree) -> Tree:
+    """``alpha * x + y`` leafwise."""
+    return map(lambda xi, yi: yi + alpha * xi, x, y)
+
+
+def dot(a: Tree, b: Tree) -> Tensor:
+    """The Euclidean inner product ``sum_i <a_i, b_i>`` over all leaves, a 0-dim tensor."""
+    products = [torch.sum(x * y) for x, y in zip(leaves(a), leaves(b), strict=True)]
+    return torch.stack(products).sum()
+
+
+def norm(a: Tree) -> Tensor:
+    """The Euclidean norm of all leaves taken as one vector."""
+    return torch.sqrt(dot(a, a))
+
+
+def zeros_like(a: Tree) -> Tree:
+    """A tree of zeros shaped like ``a``."""
+    return map(torch.zeros_like, a)
+
+
+def detach(a: Tree) -> Tree:
+    """Every leaf detached from the graph (at the current ``torch.func`` level)."""
+    return map(torch.Tensor.detach, a)
+
+
+def to(a: Tree, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tree:
+    """Every leaf moved to ``device`` and/or cast to ``dtype``."""
+    return map(lambda x: x.to(device=device, dtype=dtype), a)
+
+
+def numel(a: Tree) -> int:
+    """The total number of scalars in ``a``."""
+    return sum(x.numel() for x in leaves(a))
+
+
+def ravel(a: Tree) -> tuple[Tensor, Callable[[Tensor], Tree]]:
+    """Flatten ``a`` into one vector of shape ``[numel(a)]``.
+
+    Returns the vector and ``unravel``, which maps any vector of that length back
+    to a tree shaped like ``a``. Differentiable both ways."""
+    flat, spec = optree.tree_flatten(a, namespace="torch")
+    shapes = [x.shape for x in flat]
+    sizes = [x.numel() for x in flat]
+    vector = torch.cat([x.reshape(-1) for x in flat]) if flat else torch.zeros(0)
+
+    def unravel(v: Tensor) -> Tree:
+        if v.shape[-1:] != (sum(sizes),):
+            raise ValueError(f"`v` must have {sum(sizes)} entries; got shape {tuple(v.shape)}")
+        pieces = torch.split(v, sizes)
+        return optree.tree_unflatten(spec, [p.reshape(s) for p, s in zip(pieces, shapes, strict=True)])
+
+    return vector, unravel
