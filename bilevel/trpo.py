@@ -1,0 +1,116 @@
+"""The TRPO step: a natural-gradient direction and a KL-constrained line search.
+
+Schulman et al. 2015 (TRPO), Appendix C: with ``g = dL/dtheta`` of the loss to
+minimise and ``F`` the Hessian of the mean KL at the current parameters,
+
+    s = F^{-1} g                      (conjugate gradient, Fisher-vector products)
+    beta = sqrt(2 delta / s^T F s)    (the step that reaches KL = delta to 2nd order)
+    theta' = theta - rho^j beta s     (the first j with L(theta') < L(theta) and KL <= delta)
+
+The Fisher-vector product ``F v`` is the Hessian-vector product of ``kl_fn``,
+forward-over-reverse, so ``loss_fn`` and ``kl_fn`` may contain an inner
+adaptation (MAML-TRPO): the product then differentiates to third order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bilevel import tree
+from bilevel._checks import scalar_valued
+from bilevel.linalg import SolveInfo, conjugate_gradient, hvp
+from bilevel.tree import Tree
+
+__all__ = ["TRPOInfo", "trpo_step"]
+
+
+@dataclass(frozen=True)
+class TRPOInfo:
+    """The record of one TRPO step (floats, for logging).
+
+    ``expected_improvement`` is ``beta * g^T s``, the first-order decrease of the
+    loss for the full step; ``step_fraction`` the accepted ``rho^j`` (0 when the
+    step was rejected)."""
+
+    loss_before: float
+    loss_after: float
+    kl: float
+    expected_improvement: float
+    backtracks: int
+    accepted: bool
+    step_fraction: float
+    cg: SolveInfo
+
+
+def _check(max_kl: float, cg_iters: int, damping: float, backtrack_ratio: float, max_backtracks: int) -> None:
+    if not max_kl > 0:
+        raise ValueError(f"`max_kl` must be > 0; got {max_kl}")
+    if not (isinstance(cg_iters, int) and cg_iters >= 1):
+        raise ValueError(f"`cg_iters` must be an int >= 1; got {cg_iters!r}")
+    if not damping >= 0:
+        raise ValueError(f"`damping` must be >= 0; got {damping}")
+    if not 0 < backtrack_ratio < 1:
+        raise ValueError(f"`backtrack_ratio` must lie in (0, 1); got {backtrack_ratio}")
+    if not (isinstance(max_backtracks, int) and max_backtracks >= 1):
+        raise ValueError(f"`max_backtracks` must be an int >= 1; got {max_backtracks!r}")
+
+
+def trpo_step(
+    loss_fn: Callable[[Tree], Tensor],
+    kl_fn: Callable[[Tree], Tensor],
+    params: Tree,
+    *,
+    max_kl: float = 0.01,
+    cg_iters: int = 10,
+    damping: float = 1e-5,
+    backtrack_ratio: float = 0.8,
+    max_backtracks: int = 15,
+) -> tuple[Tree, TRPOInfo]:
+    """One TRPO update of ``params``.
+
+    Args:
+        loss_fn: ``params -> scalar`` loss to minimise (the negated surrogate
+            objective; for MAML-TRPO, evaluated after the inner adaptation).
+        kl_fn: ``params -> scalar`` mean KL between the data-collecting policy
+            (fixed, closed over) and the policy at ``params``; zero at ``params``.
+        params: the current parameters (treated as constants: the step itself is
+            not differentiated).
+        max_kl: the trust-region radius ``delta``.
+        cg_iters: conjugate-gradient iterations for ``F^{-1} g``.
+        damping: added to ``F`` for the solve.
+        backtrack_ratio, max_backtracks: the line search ``rho^j``, ``j < max_backtracks``.
+
+    Returns:
+        ``(new_params, TRPOInfo)``; ``new_params`` is ``params`` itself when no
+        step both lowered the loss and kept the KL within ``max_kl``.
+    """
+    _check(max_kl, cg_iters, damping, backtrack_ratio, max_backtracks)
+    params = tree.detach(params)
+    grads, loss_before = torch.func.grad_and_value(scalar_valued(loss_fn, "loss_fn"))(params)
+
+    def fisher_vector_product(v: Tree) -> Tree:
+        return hvp(kl_fn, params, v)
+
+    direction, cg_info = conjugate_gradient(fisher_vector_product, grads, max_iter=cg_iters, damping=damping)
+    curvature = tree.dot(direction, fisher_vector_product(direction))
+    beta = torch.sqrt(2.0 * max_kl / torch.clamp(curvature, min=torch.finfo(curvature.dtype).tiny))
+    full_step = tree.scale(direction, -beta)
+    expected_improvement = float(beta * tree.dot(grads, direction))
+
+    with torch.no_grad():
+        fraction = 1.0
+        for backtracks in range(max_backtracks):
+            candidate = tree.axpy(fraction, full_step, params)
+            loss, kl = loss_fn(candidate), kl_fn(candidate)
+            if bool(torch.isfinite(loss) & torch.isfinite(kl)) and float(kl) <= max_kl and loss < loss_before:
+                info = TRPOInfo(float(loss_before), float(loss), float(kl), expected_improvement,
+                                backtracks, True, fraction, cg_info)
+                return candidate, info
+            fraction *= backtrack_ratio
+    info = TRPOInfo(float(loss_before), float(loss_before), 0.0, expected_improvement,
+                    max_backtracks, False, 0.0, cg_info)
+    return params, info

@@ -1,0 +1,184 @@
+"""`implicit_root` against exact hypergradients, finite differences and torch.func transforms."""
+
+import warnings
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from bilevel import implicit_root
+from bilevel.implicit import LinearSolveWarning
+from bilevel.linalg import solve_neumann
+
+DTYPE = torch.float64
+
+
+def ridge_data(seed: int, n: int, d: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=DTYPE), torch.randn(n, generator=g, dtype=DTYPE),
+            torch.randn(d, generator=g, dtype=DTYPE))
+
+
+def ridge_objective(params, X, y, lam):
+    return 0.5 * ((X @ params["w"] - y) ** 2).sum() + 0.5 * lam * (params["w"] ** 2).sum()
+
+
+def ridge_optimality(params, X, y, lam):
+    return torch.func.grad(ridge_objective)(params, X, y, lam)
+
+
+def ridge_closed_form(X, y, lam):
+    return torch.linalg.solve(X.T @ X + lam * torch.eye(X.shape[1], dtype=DTYPE), X.T @ y)
+
+
+def solve_by_gradient_descent(init, X, y, lam):
+    """A solver unrelated to the closed form: plain gradient descent to convergence."""
+    w = init["w"]
+    step = 1.0 / (torch.linalg.matrix_norm(X, ord=2) ** 2 + lam)
+    for _ in range(5000):
+        w = w - step * (X.T @ (X @ w - y) + lam * w)
+    return {"w": w}
+
+
+def outer_loss(w, target):
+    return ((w - target) ** 2).sum()
+
+
+def solver_options(name, X, lam):
+    if name == "neumann":
+        eig = torch.linalg.eigvalsh(X.T @ X)
+        return {"solve": solve_neumann(max_iter=4000, step_size=float(1.0 / (eig[-1] + lam)), tol=1e-12)}
+    return {"solve": name}
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31), d=st.integers(1, 6), lam=st.floats(0.5, 5.0),
+       solver=st.sampled_from(["cg", "normal_cg", "neumann", "dense"]))
+def test_ridge_hypergradient_is_exact_for_every_solver(seed, d, lam, solver):
+    X, y, target = ridge_data(seed, 3 * d + 5, d)
+    X = X / X.shape[0] ** 0.5 * 2
+    ridge = implicit_root(ridge_optimality, **solver_options(solver, X, lam))(
+        lambda init, X, y, lam: {"w": ridge_closed_form(X, y, lam)})
+    lam = torch.tensor(lam, dtype=DTYPE)
+    init = {"w": torch.zeros(d, dtype=DTYPE)}
+    hyper = torch.func.grad(lambda l, y: outer_loss(ridge(init, X, y, l)["w"], target), argnums=(0, 1))(lam, y)
+    exact = torch.func.grad(lambda l, y: outer_loss(ridge_closed_form(X, y, l), target), argnums=(0, 1))(lam, y)
+    for ours, reference in zip(hyper, exact, strict=True):
+        assert float((ours - reference).norm() / reference.norm()) <= 1e-8
+
+
+def test_any_solver_and_autograd_and_diagnostics():
+    X, y, target = ridge_data(0, 40, 5)
+    ridge = implicit_root(ridge_optimality, solve="cg", tol=1e-12)(solve_by_gradient_descent)
+    lam = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
+    y_leaf = y.clone().requires_grad_()
+    outer_loss(ridge({"w": torch.zeros(5, dtype=DTYPE)}, X, y_leaf, lam)["w"], target).backward()
+    exact = torch.func.grad(lambda l, y: outer_loss(ridge_closed_form(X, y, l), target), argnums=(0, 1))(
+        lam.detach(), y)
+    torch.testing.assert_close(lam.grad, exact[0], rtol=1e-8, atol=0)
+    torch.testing.assert_close(y_leaf.grad, exact[1], rtol=1e-8, atol=0)
+    assert ridge.diagnostics.calls == 1
+    assert ridge.diagnostics.converged
+    assert 1 <= ridge.diagnostics.iterations <= 5
+    assert ridge.diagnostics.residual_norm < 1e-10
+
+
+def logistic_objective(params, X, labels, log_lam):
+    logits = X @ params["w"] + params["b"]
+    data = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+    return data + 0.5 * torch.exp(log_lam) @ params["w"] ** 2
+
+
+def logistic_solver(init, X, labels, log_lam):
+    """Newton's method on the strictly convex regularised logistic loss."""
+    params = init
+    flat = torch.cat([params["w"], params["b"].reshape(1)])
+    for _ in range(30):
+        def objective(v):
+            return logistic_objective({"w": v[:-1], "b": v[-1]}, X, labels, log_lam)
+        flat = flat - torch.linalg.solve(torch.func.hessian(objective)(flat), torch.func.grad(objective)(flat))
+    return {"w": flat[:-1], "b": flat[-1]}
+
+
+def test_logistic_regression_matches_central_finite_differences():
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(60, 4, generator=g, dtype=DTYPE)
+    true_w = torch.tensor([1.0, -2, 0.5, 0], dtype=DTYPE)
+    labels = (torch.rand(60, generator=g, dtype=DTYPE) < torch.sigmoid(X @ true_w)).to(DTYPE)
+    X_val = torch.randn(30, 4, generator=g, dtype=DTYPE)
+    labels_val = (torch.rand(30, generator=g, dtype=DTYPE) < 0.5).to(DTYPE)
+    init = {"w": torch.zeros(4, dtype=DTYPE), "b": torch.zeros((), dtype=DTYPE)}
+    fit = implicit_root(torch.func.grad(logistic_objective), solve="cg", tol=1e-13)(logistic_solver)
+
+    def validation_loss(log_lam, solver):
+        params = solver(init, X, labels, log_lam)
+        return torch.nn.functional.binary_cross_entropy_with_logits(X_val @ params["w"] + params["b"], labels_val)
+
+    log_lam = torch.tensor([0.0, 1.0, -1.0, 0.5], dtype=DTYPE)
+    hyper = torch.func.grad(validation_loss)(log_lam, fit)
+    eps = 1e-5
+    fd = torch.stack([(validation_loss(log_lam + eps * e, logistic_solver)
+                       - validation_loss(log_lam - eps * e, logistic_solver)) / (2 * eps)
+                      for e in torch.eye(4, dtype=DTYPE)])
+    torch.testing.assert_close(hyper, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_vmap_equals_loop_and_jacrev_equals_exact_jacobian():
+    X, y, _ = ridge_data(1, 30, 4)
+    ridge = implicit_root(ridge_optimality)(solve_by_gradient_descent)
+    init = {"w": torch.zeros(4, dtype=DTYPE)}
+    lams = torch.tensor([0.2, 1.0, 3.0], dtype=DTYPE)
+
+    def weight_norm(lam):
+        return (ridge(init, X, y, lam)["w"] ** 2).sum()
+
+    batched = torch.func.vmap(torch.func.grad(weight_norm))(lams)
+    looped = torch.stack([torch.func.grad(weight_norm)(lam) for lam in lams])
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-14)
+
+    lam = torch.tensor(0.7, dtype=DTYPE)
+    jac = torch.func.jacrev(lambda y: ridge(init, X, y, lam)["w"])(y)
+    exact = torch.linalg.solve(X.T @ X + lam * torch.eye(4, dtype=DTYPE), X.T)
+    torch.testing.assert_close(jac, exact, rtol=1e-9, atol=1e-12)
+
+
+def test_scalar_root():
+    cube_root = implicit_root(lambda x, theta: x**3 - theta)(lambda init, theta: theta ** (1 / 3))
+    theta = torch.tensor(8.0, dtype=DTYPE)
+    grad = torch.func.grad(lambda t: cube_root(torch.tensor(1.0, dtype=DTYPE), t))(theta)
+    torch.testing.assert_close(grad, torch.tensor(1 / 12, dtype=DTYPE), rtol=1e-12, atol=0)
+
+
+def test_ill_conditioned_solve_warns_with_its_residual():
+    d = 30
+    spectrum = torch.logspace(-8, 0, d, dtype=DTYPE)
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=DTYPE, generator=torch.Generator().manual_seed(0)))
+    hessian = q @ torch.diag(spectrum) @ q.T
+    root = implicit_root(lambda x, b: hessian @ x - b, solve="cg", max_iter=5)(
+        lambda init, b: torch.linalg.solve(hessian, b))
+    b = torch.ones(d, dtype=DTYPE, requires_grad=True)
+    with pytest.warns(LinearSolveWarning, match="residual"):
+        root(torch.zeros(d, dtype=DTYPE), b).sum().backward()
+    assert root.diagnostics.converged is False
+    assert root.diagnostics.iterations == 5
+
+
+def test_no_warning_when_converged():
+    X, y, _ = ridge_data(2, 20, 3)
+    ridge = implicit_root(ridge_optimality)(lambda init, X, y, lam: {"w": ridge_closed_form(X, y, lam)})
+    lam = torch.tensor(1.0, dtype=DTYPE, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LinearSolveWarning)
+        ridge({"w": torch.zeros(3, dtype=DTYPE)}, X, y, lam)["w"].sum().backward()
+
+
+def test_bad_solver_is_named():
+    with pytest.raises(ValueError, match="'qr'"):
+        implicit_root(ridge_optimality, solve="qr")
+    with pytest.raises(TypeError, match="solve"):
+        implicit_root(ridge_optimality, solve=3)
+    with pytest.raises(ValueError, match="max_iter"):
+        implicit_root(ridge_optimality, solve="cg", max_iter=0)
+    with pytest.raises(TypeError, match="optimality_fn"):
+        implicit_root(None)

@@ -1,0 +1,38 @@
+"""Parameter-tree helpers."""
+
+import pytest
+import torch
+from torch import nn
+
+from bilevel import tree
+
+
+def test_ravel_round_trip_and_arithmetic():
+    t = {"w": torch.arange(6.0).reshape(2, 3), "b": (torch.ones(2), torch.tensor(3.0))}
+    flat, unravel = tree.ravel(t)
+    assert flat.shape == (9,)
+    back = unravel(flat)
+    for a, b in zip(tree.leaves(back), tree.leaves(t), strict=True):
+        assert torch.equal(a, b)
+    assert float(tree.dot(t, t)) == float((flat**2).sum())
+    assert torch.allclose(tree.norm(tree.sub(tree.scale(t, 3.0), tree.axpy(2.0, t, t))), torch.tensor(0.0))
+    assert tree.numel(t) == 9
+
+
+def test_params_of_and_stack():
+    modules = [nn.Linear(3, 2) for _ in range(4)]
+    params = tree.params_of(modules[0], detach=True)
+    assert set(params) == {"weight", "bias"} and params["weight"].requires_grad
+    stacked, _ = tree.stack(modules)
+    assert stacked["weight"].shape == (4, 2, 3)
+    with pytest.raises(ValueError, match="modules"):
+        tree.stack([])
+
+
+def test_structure_mismatch_names_the_leaf():
+    with pytest.raises(ValueError, match="'w'"):
+        tree.check_same_structure({"w": torch.ones(2)}, {"w": torch.ones(3)}, ("params", "v"))
+    with pytest.raises(ValueError, match="params"):
+        tree.check_same_structure({"w": torch.ones(2)}, {"v": torch.ones(2)}, ("params", "v"))
+    with pytest.raises(ValueError, match="entries"):
+        tree.ravel({"w": torch.ones(2)})[1](torch.ones(3))

@@ -1,0 +1,98 @@
+"""`trpo_step` on small random Gaussian policies, with and without an inner adaptation."""
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torchopt
+from hypothesis import given, settings
+from torch.distributions import Normal, kl_divergence
+
+from bilevel import tree, trpo_step, unroll
+
+DTYPE = torch.float64
+OBS, ACT, N = 3, 2, 64
+
+
+def gaussian_policy_problem(seed: int, inner_steps: int = 0):
+    """A linear-Gaussian policy a ~ N(W s + c, exp(log_std)); the loss is the
+    importance-weighted surrogate, optionally after `inner_steps` policy-gradient
+    steps on a second batch (MAML-TRPO)."""
+    g = torch.Generator().manual_seed(seed)
+    params = {"W": 0.3 * torch.randn(ACT, OBS, generator=g, dtype=DTYPE),
+              "c": torch.zeros(ACT, dtype=DTYPE),
+              "log_std": -0.5 * torch.ones(ACT, dtype=DTYPE)}
+    obs, inner_obs = (torch.randn(N, OBS, generator=g, dtype=DTYPE) for _ in range(2))
+    actions, inner_actions = (torch.randn(N, ACT, generator=g, dtype=DTYPE) for _ in range(2))
+    advantages, inner_advantages = (torch.randn(N, generator=g, dtype=DTYPE) for _ in range(2))
+
+    def dist(p, states):
+        return Normal(states @ p["W"].T + p["c"], p["log_std"].exp())
+
+    def adapt(p):
+        def pg_loss(q):
+            return -(dist(q, inner_obs).log_prob(inner_actions).sum(-1) * inner_advantages).mean()
+        return unroll(pg_loss, p, torchopt.sgd(0.1), inner_steps)
+
+    old = dist(adapt(params), obs)
+    old_log_prob = old.log_prob(actions).sum(-1).detach()
+    old_detached = Normal(old.loc.detach(), old.scale.detach())
+
+    def loss_fn(p):
+        ratio = torch.exp(dist(adapt(p), obs).log_prob(actions).sum(-1) - old_log_prob)
+        return -(ratio * advantages).mean()
+
+    def kl_fn(p):
+        return kl_divergence(old_detached, dist(adapt(p), obs)).sum(-1).mean()
+
+    return params, loss_fn, kl_fn
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31), max_kl=st.sampled_from([1e-3, 1e-2, 5e-2]))
+def test_accepted_step_respects_the_trust_region(seed, max_kl):
+    params, loss_fn, kl_fn = gaussian_policy_problem(seed)
+    new_params, info = trpo_step(loss_fn, kl_fn, params, max_kl=max_kl)
+    assert info.accepted
+    assert float(kl_fn(new_params)) <= max_kl
+    assert float(loss_fn(new_params)) < float(loss_fn(params))
+    assert info.loss_after == pytest.approx(float(loss_fn(new_params)))
+
+
+@pytest.mark.parametrize("inner_steps", [0, 1], ids=["trpo", "maml-trpo"])
+def test_direction_is_the_natural_gradient(inner_steps):
+    params, loss_fn, kl_fn = gaussian_policy_problem(11, inner_steps)
+    flat, unravel = tree.ravel(params)
+    fisher = torch.func.hessian(lambda x: kl_fn(unravel(x)))(flat)
+    gradient = torch.func.grad(lambda x: loss_fn(unravel(x)))(flat)
+    natural = torch.linalg.solve(fisher, gradient)
+    max_kl = 1e-3
+    new_params, info = trpo_step(loss_fn, kl_fn, params, max_kl=max_kl, cg_iters=40, damping=0.0)
+    assert info.accepted
+    step = flat - tree.ravel(new_params)[0]
+    expected = info.step_fraction * torch.sqrt(2 * max_kl / (gradient @ natural)) * natural
+    torch.testing.assert_close(step, expected, rtol=1e-7, atol=1e-12)
+
+
+def test_step_that_cannot_improve_leaves_parameters_unchanged():
+    params, _, kl_fn = gaussian_policy_problem(3)
+    anchor = tree.detach(params)
+
+    def loss_fn(p):
+        displacement = tree.sub(p, anchor)
+        return -1e-6 * tree.ravel(displacement)[0].sum() + 1e6 * tree.dot(displacement, displacement)
+
+    new_params, info = trpo_step(loss_fn, kl_fn, params, max_kl=0.01)
+    assert not info.accepted
+    assert info.backtracks == 15
+    for new, old in zip(tree.leaves(new_params), tree.leaves(params), strict=True):
+        assert torch.equal(new, old)
+
+
+def test_bad_arguments_are_named():
+    params, loss_fn, kl_fn = gaussian_policy_problem(0)
+    for name, value in [("max_kl", 0.0), ("cg_iters", 0), ("damping", -1.0), ("backtrack_ratio", 1.0),
+                        ("max_backtracks", 0)]:
+        with pytest.raises(ValueError, match=name):
+            trpo_step(loss_fn, kl_fn, params, **{name: value})
+    with pytest.raises(ValueError, match="loss_fn"):
+        trpo_step(lambda p: p["c"] * 2, kl_fn, params)
