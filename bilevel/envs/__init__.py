@@ -1,0 +1,61 @@
+"""Task families, tabular MDPs and out-of-distribution perturbations, registered with Gymnasium.
+
+Importing this package registers the ``bilevel/...`` env ids (see :func:`register_all`).
+"""
+
+from bilevel.envs.frozen_lake import (
+    FrozenLake,
+    FrozenLakeEnv,
+    FrozenLakeTask,
+    random_map,
+    shortest_path_length,
+)
+from bilevel.envs.locomotion import (
+    AntDirection,
+    DirectionReward,
+    DirectionTask,
+    HalfCheetahDirection,
+    HalfCheetahVelocity,
+    VelocityReward,
+    VelocityTask,
+)
+from bilevel.envs.navigation import BatchedNavigation2D, GoalTask, Navigation2D, Navigation2DEnv, goals_tensor
+from bilevel.envs.perturbations import BodyMassScale, CrippledJoint, FrictionScale, Slope, perturb
+from bilevel.envs.registry import FAMILIES, family_names, make_family, register_all
+from bilevel.envs.tabular import TabularMDP, Values, evaluate_policy, stack_mdps, value_iteration
+
+register_all()
+
+__all__ = [
+    "FAMILIES",
+    "AntDirection",
+    "BatchedNavigation2D",
+    "BodyMassScale",
+    "CrippledJoint",
+    "DirectionReward",
+    "DirectionTask",
+    "FrictionScale",
+    "FrozenLake",
+    "FrozenLakeEnv",
+    "FrozenLakeTask",
+    "GoalTask",
+    "HalfCheetahDirection",
+    "HalfCheetahVelocity",
+    "Navigation2D",
+    "Navigation2DEnv",
+    "Slope",
+    "TabularMDP",
+    "Values",
+    "VelocityReward",
+    "VelocityTask",
+    "evaluate_policy",
+    "family_names",
+    "goals_tensor",
+    "make_family",
+    "perturb",
+    "random_map",
+    "register_all",
+    "shortest_path_length",
+    "stack_mdps",
+    "value_iteration",
+]
