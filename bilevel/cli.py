@@ -1,0 +1,192 @@
+"""The ``bilevel`` command: ``train``, ``eval``, ``plot`` and ``list``.
+
+    bilevel train ALGORITHM --env ENV [--seed N] [--iterations N] [--FIELD VALUE ...] [--run-dir DIR]
+    bilevel train ALGORITHM --resume RUN [--iterations N]
+    bilevel eval RUN [--KEY VALUE ...]
+    bilevel plot RUN [RUN ...] [--y return] [--x env_steps] [--out FILE]
+    bilevel list
+
+Every config field of the algorithm is an option (``attention_weight`` is
+``--attention-weight``). Bad input (an unknown algorithm, env, option or device, a
+negative budget) prints one line naming it and exits with status 2, before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from bilevel.runs.learner import ALGORITHMS, RunConfig, get_algorithm
+
+EXIT_BAD_INPUT = 2
+
+
+def field_docs(config_class: type) -> dict[str, str]:
+    """The attribute docstrings (the string under each field) of a dataclass and its bases."""
+    docs: dict[str, str] = {}
+    for cls in reversed(config_class.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, following in itertools.pairwise(body):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_class: type[RunConfig]) -> None:
+    docs = field_docs(config_class)
+    for f in dataclasses.fields(config_class):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{docs.get(f.name, '')} (default: {default})"}
+        if isinstance(default, bool):
+            kwargs["type"] = _parse_bool
+        elif isinstance(default, (tuple, list)):
+            kwargs["nargs"] = "+"
+            kwargs["type"] = type(default[0]) if default else str
+        elif default is not None:
+            kwargs["type"] = type(default)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _train(argv: list[str]) -> int:
+    from bilevel.runs.loop import make_config, train
+
+    head = argparse.ArgumentParser(add_help=False)
+    head.add_argument("algorithm")
+    known, _ = head.parse_known_args(argv)
+    try:
+        learner_class = get_algorithm(known.algorithm)
+    except ValueError as error:
+        print(f"bilevel train: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    parser = argparse.ArgumentParser(prog=f"bilevel train {known.algorithm}",
+                                     description=(learner_class.__doc__ or "").split("\n")[0])
+    parser.add_argument("algorithm")
+    parser.add_argument("--run-dir", type=Path, help="the run folder (default: runs/ALGORITHM-ENV-sSEED)")
+    parser.add_argument("--resume", type=Path, metavar="RUN", help="continue RUN from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_config_options(parser, learner_class.Config)
+    args = vars(parser.parse_args(argv))
+    run_dir, resume = args.pop("run_dir"), args.pop("resume")
+    overwrite, progress = args.pop("overwrite"), not args.pop("no_progress")
+    algorithm = args.pop("algorithm")
+    try:
+        if resume is not None:
+            from bilevel.runs.folder import RunFolder
+
+            if set(args) - {"iterations"}:
+                raise ValueError(f"--resume continues a run with its saved config; only --iterations may change, "
+                                 f"not {sorted(set(args) - {'iterations'})}")
+            _, saved = RunFolder(resume).read_config()
+            config = make_config(algorithm, {**saved, **args})
+            run_dir = resume
+        else:
+            config = make_config(algorithm, args)
+            run_dir = run_dir or Path("runs") / f"{algorithm}-{config.env}-s{config.seed}"
+        learner = train(algorithm, config, run_dir, resume=resume is not None, overwrite=overwrite,
+                        progress=progress or None)
+    except ValueError as error:
+        print(f"bilevel train: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{algorithm}: {learner.iteration} iterations, {learner.env_steps} env steps -> {run_dir}")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from bilevel.runs.loop import evaluate_run
+
+    parser = argparse.ArgumentParser(prog="bilevel eval", description="Evaluate a run's last checkpoint.")
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--device", default=None)
+    args, rest = parser.parse_known_args(argv)
+    if len(rest) % 2 or any(not key.startswith("--") for key in rest[::2]):
+        print(f"bilevel eval: options must be --KEY VALUE pairs; got {rest}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    options = {key[2:].replace("-", "_"): _literal(value) for key, value in zip(rest[::2], rest[1::2], strict=True)}
+    try:
+        result = evaluate_run(args.run, options, device=args.device)
+    except (ValueError, TypeError) as error:
+        print(f"bilevel eval: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _plot(argv: list[str]) -> int:
+    from bilevel.runs.plot import plot_curves
+
+    parser = argparse.ArgumentParser(prog="bilevel plot", description="Learning curves with 95%% bands over seeds.")
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--x", default="env_steps")
+    parser.add_argument("--y", default="return")
+    parser.add_argument("--out", type=Path, help="the PNG (default: RUN/plots/Y.png of the first run)")
+    args = parser.parse_args(argv)
+    out = args.out or args.runs[0] / "plots" / f"{args.y}.png"
+    try:
+        path = plot_curves(args.runs, out, x=args.x, y=args.y)
+    except ValueError as error:
+        print(f"bilevel plot: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(path)
+    return 0
+
+
+def _list(argv: list[str]) -> int:
+    import bilevel.algorithms  # noqa: F401
+    from bilevel.envs import family_names
+
+    argparse.ArgumentParser(prog="bilevel list", description="Algorithms and environments.").parse_args(argv)
+    print("algorithms:")
+    for name, cls in sorted(ALGORITHMS.items()):
+        print(f"  {name:<16} envs: {', '.join(cls.envs) or 'any'}")
+    print("task families:")
+    for name in family_names():
+        print(f"  {name}")
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "list": _list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else EXIT_BAD_INPUT
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

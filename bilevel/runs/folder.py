@@ -1,0 +1,149 @@
+"""A run folder: what a user gets back from ``bilevel train``.
+
+    RUN/
+      config.json          the algorithm name and every config field
+      metrics.csv          one row per iteration, flushed as it is written
+      events.*             TensorBoard events (when tensorboard is installed)
+      checkpoints/last.pt  the latest checkpoint, replaced atomically
+      eval.json            the latest ``bilevel eval`` result
+      plots/               figures from ``bilevel plot``
+
+Every file that a crash could leave half-written is written to a temporary file in
+the same folder and moved into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["MetricsWriter", "RunFolder", "atomic_save", "atomic_write_text"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class MetricsWriter:
+    """Append-only CSV of metric rows; new metric names widen the header (the file is
+    rewritten once, atomically). ``truncate(iteration)`` drops rows after a checkpoint
+    so that a resumed run does not repeat them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, str]] = []
+        self.columns: list[str] = []
+        if path.exists():
+            with path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                self.columns = list(reader.fieldnames or [])
+                self.rows = list(reader)
+
+    def _rewrite(self) -> None:
+        lines = [",".join(self.columns)]
+        lines += [",".join(str(row.get(c, "")) for c in self.columns) for row in self.rows]
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
+
+    def truncate(self, iteration: int) -> None:
+        self.rows = [row for row in self.rows if int(float(row["iteration"])) <= iteration]
+        self._rewrite()
+
+    def append(self, row: dict[str, float]) -> None:
+        text_row = {k: _format(v) for k, v in row.items()}
+        new_columns = [k for k in row if k not in self.columns]
+        self.rows.append(text_row)
+        if new_columns or not self.path.exists():
+            self.columns += new_columns
+            self._rewrite()
+            return
+        with self.path.open("a") as handle:
+            handle.write(",".join(text_row.get(c, "") for c in self.columns) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+class RunFolder:
+    """Paths and files of one run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def write_config(self, algorithm: str, config: dict[str, Any]) -> None:
+        atomic_write_text(self.config_path, json.dumps({"algorithm": algorithm, "config": config}, indent=2) + "\n")
+
+    def read_config(self) -> tuple[str, dict[str, Any]]:
+        if not self.config_path.exists():
+            raise ValueError(f"{str(self.path)!r} is not a run folder: it has no config.json")
+        data = json.loads(self.config_path.read_text())
+        return data["algorithm"], data["config"]
+
+    def read_metrics(self) -> list[dict[str, float]]:
+        rows = MetricsWriter(self.metrics_path).rows
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows]
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        atomic_write_text(self.path / name, json.dumps(data, indent=2) + "\n")
+
+
+def metric_series(rows: Iterable[dict[str, float]], x: str, y: str) -> tuple[list[float], list[float]]:
+    """The (x, y) pairs of the rows that have both metrics."""
+    pairs = [(row[x], row[y]) for row in rows if x in row and y in row]
+    return [p[0] for p in pairs], [p[1] for p in pairs]

@@ -1,0 +1,143 @@
+"""The interface an algorithm implements to run from the `bilevel` command.
+
+An algorithm is a `Learner` subclass with a config dataclass (a `RunConfig` subclass
+with a docstring on every field) and three things: `step` (one iteration, returning
+its metrics), `state_dict`/`load_state_dict` (everything needed to continue exactly),
+and `evaluate`. The runner (`bilevel.runs.loop`) owns the run folder, seeding,
+checkpoints, metrics files and the progress bar; a learner never touches files.
+
+Exact resumption: a learner draws all of its randomness from generators it owns
+and saves (``state_dict``), or from seeds derived from ``(config.seed, iteration)``
+with `derive_seed`, and resets its environments at iteration boundaries (or saves
+their state). Then ``run 2k iterations`` and ``run k, stop, resume, run k`` give
+the same parameters on CPU.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+__all__ = ["ALGORITHMS", "Learner", "RunConfig", "derive_seed", "get_algorithm", "register", "resolve_device"]
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Fields every run has; an algorithm's config subclasses this."""
+
+    env: str = ""
+    """The environment or task family (``bilevel list`` shows the names)."""
+    seed: int = 0
+    """Seeds torch, NumPy, Python and the environments."""
+    iterations: int = 100
+    """The training budget in iterations of `Learner.step`."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    checkpoint_every: int = 10
+    """Iterations between checkpoints (the last iteration always checkpoints)."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field with a bad value."""
+        if self.iterations < 1:
+            raise ValueError(f"`iterations` must be >= 1; got {self.iterations}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"`checkpoint_every` must be >= 1; got {self.checkpoint_every}")
+        if self.seed < 0:
+            raise ValueError(f"`seed` must be >= 0; got {self.seed}")
+
+
+class Learner(abc.ABC):
+    """One algorithm's training state and its iteration.
+
+    ``iteration`` counts completed calls of `step`; ``env_steps`` the real
+    environment transitions used so far (reported on every metrics row)."""
+
+    Config: ClassVar[type[RunConfig]] = RunConfig
+    envs: ClassVar[tuple[str, ...]] = ()
+    """The env names this learner accepts (shown by ``bilevel list``)."""
+
+    def __init__(self, config: RunConfig, device: torch.device) -> None:
+        config.validate()
+        self.config = config
+        self.device = device
+        self.iteration = 0
+        self.env_steps = 0
+
+    @abc.abstractmethod
+    def step(self) -> dict[str, float]:
+        """Run one iteration and return its metrics (floats; ``return`` by convention
+        the mean undiscounted episode return of the iteration's evaluation or data)."""
+
+    @abc.abstractmethod
+    def evaluate(self, **options: Any) -> dict[str, float]:
+        """Evaluate the current parameters; ``options`` come from ``bilevel eval``."""
+
+    @abc.abstractmethod
+    def learner_state(self) -> dict[str, Any]:
+        """Parameters, optimiser states, generators, buffers: all tensors or plain data."""
+
+    @abc.abstractmethod
+    def load_learner_state(self, state: dict[str, Any]) -> None:
+        """Restore what `learner_state` returned."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "env_steps": self.env_steps, "learner": self.learner_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = state["iteration"]
+        self.env_steps = state["env_steps"]
+        self.load_learner_state(state["learner"])
+
+    def close(self) -> None:  # noqa: B027
+        """Release environments and workers."""
+
+
+ALGORITHMS: dict[str, type[Learner]] = {}
+
+
+def register(name: str) -> Callable[[type[Learner]], type[Learner]]:
+    """Class decorator: make a `Learner` available as ``bilevel train NAME``."""
+
+    def decorator(cls: type[Learner]) -> type[Learner]:
+        if name in ALGORITHMS and ALGORITHMS[name] is not cls:
+            raise ValueError(f"algorithm name {name!r} is already registered to {ALGORITHMS[name].__name__}")
+        ALGORITHMS[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_algorithm(name: str) -> type[Learner]:
+    import bilevel.algorithms  # noqa: F401  (registers the built-in algorithms)
+
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed determined by ``keys`` (e.g. ``(config.seed, iteration, purpose)``)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a named device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"`device` {name!r} is not a device name ({error})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"`device` {name!r} is not available: torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"`device` {name!r} is not available: {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise ValueError(f"`device` must be auto, cpu or cuda[:N]; got {name!r}")
+    return device

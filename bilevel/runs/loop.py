@@ -1,0 +1,168 @@
+"""Running a `Learner`: seeding, the iteration loop, checkpoints, resume and evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bilevel.runs.folder import MetricsWriter, RunFolder, atomic_save
+from bilevel.runs.learner import Learner, RunConfig, get_algorithm, resolve_device
+
+__all__ = ["evaluate_run", "load_learner", "make_config", "seed_everything", "train"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's (legacy global, which third-party code draws from) and
+    torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),  # noqa: NPY002
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_config(algorithm: str, values: dict[str, Any]) -> RunConfig:
+    """Build ``algorithm``'s config from ``values``; an unknown key or a bad value raises
+    ``ValueError`` naming it."""
+    config_class = get_algorithm(algorithm).Config
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for {algorithm!r}; known: {sorted(known)}")
+    config = config_class(**values)
+    config.validate()
+    envs = get_algorithm(algorithm).envs
+    if envs and config.env not in envs:
+        raise ValueError(f"unknown env {config.env!r} for {algorithm!r}; choose one of {list(envs)}")
+    return config
+
+
+def _tensorboard(folder: RunFolder, purge_step: int | None) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder.path), purge_step=purge_step)
+
+
+def _checkpoint(folder: RunFolder, learner: Learner) -> None:
+    atomic_save({"state": learner.state_dict(), "rng": _rng_state()}, folder.checkpoint_path)
+
+
+def _build(algorithm: str, config: RunConfig) -> Learner:
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    return get_algorithm(algorithm)(config, device)
+
+
+def train(
+    algorithm: str,
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Learner:
+    """Train ``algorithm`` into ``run_dir`` until ``config.iterations``.
+
+    With ``resume=True`` the run continues from its last checkpoint (its saved config
+    with ``config.iterations`` as the new budget) and drops metric rows written after
+    that checkpoint. Without it, an existing run folder is an error unless
+    ``overwrite=True``. ``progress=None`` shows the bar only on a terminal."""
+    from tqdm.auto import tqdm
+
+    folder = RunFolder(run_dir)
+    if resume:
+        saved_algorithm, saved_values = folder.read_config()
+        if saved_algorithm != algorithm:
+            raise ValueError(f"run {str(folder.path)!r} trained {saved_algorithm!r}, not {algorithm!r}")
+        if not folder.checkpoint_path.exists():
+            raise ValueError(f"run {str(folder.path)!r} has no checkpoint to resume from")
+        config = make_config(algorithm, {**saved_values, "iterations": config.iterations})
+    elif folder.exists():
+        if not overwrite:
+            raise ValueError(f"run folder {str(folder.path)!r} exists; pass --resume to continue it or --overwrite")
+        shutil.rmtree(folder.path)
+
+    learner = _build(algorithm, config)
+    metrics = MetricsWriter(folder.metrics_path)
+    if resume:
+        checkpoint = torch.load(folder.checkpoint_path, map_location=learner.device, weights_only=False)
+        learner.load_state_dict(checkpoint["state"])
+        _set_rng_state(checkpoint["rng"])
+        metrics.truncate(learner.iteration)
+    else:
+        folder.write_config(algorithm, dataclasses.asdict(config))
+
+    board = _tensorboard(folder, purge_step=learner.iteration + 1 if resume else None)
+    bar = tqdm(total=config.iterations, initial=learner.iteration, disable=None if progress is None else not progress,
+               desc=f"{algorithm} {config.env}", unit="it")
+    try:
+        while learner.iteration < config.iterations:
+            start, steps_before = time.perf_counter(), learner.env_steps
+            row = learner.step()
+            learner.iteration += 1
+            seconds = time.perf_counter() - start
+            row = {"iteration": learner.iteration, "env_steps": learner.env_steps, **row,
+                   "seconds": seconds, "env_steps_per_second": (learner.env_steps - steps_before) / seconds}
+            metrics.append(row)
+            if board is not None:
+                for key, value in row.items():
+                    board.add_scalar(key, value, learner.iteration)
+            if learner.iteration % config.checkpoint_every == 0 or learner.iteration == config.iterations:
+                _checkpoint(folder, learner)
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("return", "env_steps_per_second") if k in row})
+            bar.update(1)
+    finally:
+        bar.close()
+        if board is not None:
+            board.close()
+        learner.close()
+    return learner
+
+
+def load_learner(run_dir: str | Path, device: str | None = None) -> tuple[str, Learner]:
+    """The learner of a run, restored from its last checkpoint."""
+    folder = RunFolder(run_dir)
+    algorithm, values = folder.read_config()
+    if device is not None:
+        values = {**values, "device": device}
+    if not folder.checkpoint_path.exists():
+        raise ValueError(f"run {str(folder.path)!r} has no checkpoint")
+    learner = _build(algorithm, make_config(algorithm, values))
+    checkpoint = torch.load(folder.checkpoint_path, map_location=learner.device, weights_only=False)
+    learner.load_state_dict(checkpoint["state"])
+    return algorithm, learner
+
+
+def evaluate_run(run_dir: str | Path, options: dict[str, Any], *, device: str | None = None) -> dict[str, float]:
+    """Evaluate a run's last checkpoint with ``options`` and write ``eval.json``."""
+    _, learner = load_learner(run_dir, device)
+    try:
+        result = learner.evaluate(**options)
+    finally:
+        learner.close()
+    RunFolder(run_dir).write_json("eval.json", {"options": options, "iteration": learner.iteration, **result})
+    return result

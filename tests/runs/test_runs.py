@@ -1,0 +1,168 @@
+"""The run machinery with a small learner: exact resume, atomic files, CLI errors."""
+
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from bilevel import cli
+from bilevel.runs import Learner, RunConfig, RunFolder, derive_seed, register, train
+from bilevel.runs.loop import load_learner, make_config
+
+
+class SimulatedKill(Exception):
+    """Stands for a process killed in the middle of an iteration."""
+
+
+@dataclasses.dataclass
+class BanditConfig(RunConfig):
+    """REINFORCE on a Gaussian bandit whose reward is -||a - 1||^2."""
+
+    env: str = "bandit"
+    """The only env."""
+    batch: int = 16
+    """Actions sampled per iteration."""
+    lr: float = 0.05
+    """Adam learning rate."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch < 1:
+            raise ValueError(f"`batch` must be >= 1; got {self.batch}")
+
+
+@register("test-bandit")
+class BanditLearner(Learner):
+    """A REINFORCE bandit learner whose randomness is all in its own generator."""
+
+    Config = BanditConfig
+    envs = ("bandit",)
+    kill_in_iteration = 0
+
+    def __init__(self, config, device):
+        super().__init__(config, device)
+        self.mean = torch.zeros(3, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.mean], lr=config.lr)
+        self.generator = torch.Generator().manual_seed(derive_seed(config.seed, 1))
+
+    def step(self):
+        if self.kill_in_iteration == self.iteration + 1:
+            raise SimulatedKill(f"killed in iteration {self.iteration + 1}")
+        noise = torch.randn(self.config.batch, 3, generator=self.generator)
+        actions = (self.mean + noise).detach()
+        rewards = -((actions - 1) ** 2).sum(-1)
+        log_probs = -0.5 * ((actions - self.mean) ** 2).sum(-1)
+        loss = -(log_probs * (rewards - rewards.mean())).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.env_steps += self.config.batch
+        return {"return": float(rewards.mean())}
+
+    def evaluate(self, scale=1.0):
+        return {"distance": float(scale * (self.mean.detach() - 1).norm())}
+
+    def learner_state(self):
+        return {"mean": self.mean.detach().clone(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_learner_state(self, state):
+        with torch.no_grad():
+            self.mean.copy_(state["mean"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+
+
+def bandit_config(**overrides):
+    return make_config("test-bandit", {"iterations": 12, "checkpoint_every": 4, "device": "cpu", **overrides})
+
+
+def metric_rows(run_dir):
+    with (run_dir / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    straight = train("test-bandit", bandit_config(), tmp_path / "straight", progress=False)
+
+    monkeypatch.setattr(BanditLearner, "kill_in_iteration", 7)
+    with pytest.raises(SimulatedKill):
+        train("test-bandit", bandit_config(), tmp_path / "killed", progress=False)
+    monkeypatch.setattr(BanditLearner, "kill_in_iteration", 0)
+    assert len(metric_rows(tmp_path / "killed")) == 6
+    resumed = train("test-bandit", bandit_config(), tmp_path / "killed", resume=True, progress=False)
+
+    assert torch.equal(resumed.mean, straight.mean)
+    assert resumed.iteration == straight.iteration == 12
+    rows = metric_rows(tmp_path / "killed")
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 13))
+    assert [r["return"] for r in rows] == [r["return"] for r in metric_rows(tmp_path / "straight")]
+
+
+def test_resume_extends_the_budget_and_eval_writes_json(tmp_path):
+    train("test-bandit", bandit_config(iterations=4), tmp_path / "run", progress=False)
+    learner = train("test-bandit", bandit_config(iterations=8), tmp_path / "run", resume=True, progress=False)
+    assert learner.iteration == 8 and learner.env_steps == 8 * 16
+    assert cli.main(["eval", str(tmp_path / "run"), "--scale", "2.0"]) == 0
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    _, restored = load_learner(tmp_path / "run")
+    assert result["distance"] == pytest.approx(2 * float((restored.mean.detach() - 1).norm()))
+    assert result["iteration"] == 8
+
+
+def test_run_folder_layout_and_no_leftover_temporary_files(tmp_path):
+    train("test-bandit", bandit_config(), tmp_path / "run", progress=False)
+    folder = RunFolder(tmp_path / "run")
+    algorithm, config = folder.read_config()
+    assert algorithm == "test-bandit" and config["batch"] == 16 and config["seed"] == 0
+    assert folder.checkpoint_path.exists()
+    assert not [p for p in folder.path.rglob(".*") if p.is_file()]
+    assert len(folder.read_metrics()) == 12
+
+
+def test_cli_train_and_plot(tmp_path, capsys):
+    for seed in (0, 1):
+        code = cli.main(["train", "test-bandit", "--seed", str(seed), "--iterations", "5", "--batch", "8",
+                         "--device", "cpu", "--run-dir", str(tmp_path / f"s{seed}"), "--no-progress"])
+        assert code == 0
+    assert RunFolder(tmp_path / "s1").read_config()[1]["batch"] == 8
+    pytest.importorskip("matplotlib")
+    assert cli.main(["plot", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "no-such-algorithm"], "no-such-algorithm"),
+        (["train", "test-bandit", "--env", "moon"], "moon"),
+        (["train", "test-bandit", "--iterations", "-3"], "iterations"),
+        (["train", "test-bandit", "--batch", "0"], "batch"),
+        (["train", "test-bandit", "--device", "cuda:7"], "cuda:7"),
+    ],
+)
+def test_cli_bad_input_exits_2_naming_it(tmp_path, capsys, argv, message):
+    run_dir = tmp_path / "run"
+    assert cli.main([*argv, "--run-dir", str(run_dir)]) == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_cli_unknown_option_exits_2(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "test-bandit", "--no-such-key", "3", "--run-dir", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+
+
+def test_existing_run_is_not_overwritten_unless_asked(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    base = ["train", "test-bandit", "--iterations", "2", "--device", "cpu", "--run-dir", run, "--no-progress"]
+    assert cli.main(base) == 0
+    before = (tmp_path / "run" / "metrics.csv").read_text()
+    assert cli.main([*base[:3], "3", *base[4:]]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.csv").read_text() == before
+    assert cli.main([*base, "--overwrite"]) == 0
+    assert cli.main(["train", "test-bandit", "--resume", run, "--batch", "4"]) == 2
