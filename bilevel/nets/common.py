@@ -1,0 +1,51 @@
+"""Building blocks shared by the networks: MLP stacks, sub-trees and argument checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+
+from torch import Tensor, nn
+
+ActivationFactory = Callable[[], nn.Module]
+"""A zero-argument callable returning an activation module, e.g. ``nn.Tanh``."""
+
+__all__ = ["ActivationFactory", "check_last_dim", "check_positive", "mlp", "subtree"]
+
+
+def mlp(sizes: Sequence[int], activation: ActivationFactory, *, activate_last: bool = False) -> nn.Sequential:
+    """Linear layers ``sizes[0] -> sizes[1] -> ... -> sizes[-1]`` with ``activation``
+    after every layer but the last (after the last too when ``activate_last``)."""
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(pairwise(sizes)):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if activate_last or i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def subtree(params: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of a ``functional_call`` tree under submodule ``prefix``, renamed
+    relative to it, so that ``functional_call(module.<prefix>, subtree(params, prefix), x)``
+    evaluates the submodule with ``params``.
+
+    >>> subtree({"features.0.weight": w, "head.0.bias": b}, "features")
+    {'0.weight': w}
+    """
+    start = prefix + "."
+    picked = {name[len(start) :]: value for name, value in params.items() if name.startswith(start)}
+    if not picked:
+        raise ValueError(f"`prefix` {prefix!r} names no entry of `params`; keys are {sorted(params)}")
+    return picked
+
+
+def check_last_dim(tensor: Tensor, size: int, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``tensor.shape[-1] == size``."""
+    if tensor.dim() == 0 or tensor.shape[-1] != size:
+        raise ValueError(f"`{name}` must have last dimension {size}; got shape {tuple(tensor.shape)}")
+
+
+def check_positive(value: int, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value >= 1``."""
+    if value < 1:
+        raise ValueError(f"`{name}` must be at least 1; got {value}")
