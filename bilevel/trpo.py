@@ -7,9 +7,11 @@ minimise and ``F`` the Hessian of the mean KL at the current parameters,
     beta = sqrt(2 delta / s^T F s)    (the step that reaches KL = delta to 2nd order)
     theta' = theta - rho^j beta s     (the first j with L(theta') < L(theta) and KL <= delta)
 
-The Fisher-vector product ``F v`` is the Hessian-vector product of ``kl_fn``,
-forward-over-reverse, so ``loss_fn`` and ``kl_fn`` may contain an inner
-adaptation (MAML-TRPO): the product then differentiates to third order.
+The Fisher-vector product ``F v`` is the Hessian-vector product of ``kl_fn``
+(`bilevel.linalg.hessian_vector_operator`: by default the gradient of the KL is
+taken once and each product is a vjp through it; forward-over-reverse on request),
+so ``loss_fn`` and ``kl_fn`` may contain an inner adaptation (MAML-TRPO): the
+product then differentiates to third order.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from bilevel import tree
 from bilevel._checks import scalar_valued
-from bilevel.linalg import SolveInfo, conjugate_gradient, hvp
+from bilevel.linalg import SolveInfo, conjugate_gradient, hessian_vector_operator
 from bilevel.tree import Tree
 
 __all__ = ["TRPOInfo", "trpo_step"]
@@ -69,6 +71,7 @@ def trpo_step(
     damping: float = 1e-5,
     backtrack_ratio: float = 0.8,
     max_backtracks: int = 15,
+    hvp_mode: str = "reverse-over-reverse",
 ) -> tuple[Tree, TRPOInfo]:
     """One TRPO update of ``params``.
 
@@ -83,6 +86,8 @@ def trpo_step(
         cg_iters: conjugate-gradient iterations for ``F^{-1} g``.
         damping: added to ``F`` for the solve.
         backtrack_ratio, max_backtracks: the line search ``rho^j``, ``j < max_backtracks``.
+        hvp_mode: how Fisher-vector products are formed (see
+            `bilevel.linalg.hessian_vector_operator`).
 
     Returns:
         ``(new_params, TRPOInfo)``; ``new_params`` is ``params`` itself when no
@@ -92,9 +97,7 @@ def trpo_step(
     params = tree.detach(params)
     grads, loss_before = torch.func.grad_and_value(scalar_valued(loss_fn, "loss_fn"))(params)
 
-    def fisher_vector_product(v: Tree) -> Tree:
-        return hvp(kl_fn, params, v)
-
+    fisher_vector_product = hessian_vector_operator(kl_fn, params, mode=hvp_mode)
     direction, cg_info = conjugate_gradient(fisher_vector_product, grads, max_iter=cg_iters, damping=damping)
     curvature = tree.dot(direction, fisher_vector_product(direction))
     beta = torch.sqrt(2.0 * max_kl / torch.clamp(curvature, min=torch.finfo(curvature.dtype).tiny))

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 
 from bilevel import conjugate_gradient, hvp, tree
-from bilevel.linalg import make_solver
+from bilevel.linalg import hessian_vector_operator, make_solver
 
 DTYPE = torch.float64
 
@@ -86,6 +86,10 @@ def test_hvp_matches_explicit_hessian(mode):
     hessian = torch.func.hessian(lambda x: f(unravel(x), 2.0))(flat)
     product = hvp(f, params, v, 2.0, mode=mode)
     torch.testing.assert_close(tree.ravel(product)[0], hessian @ tree.ravel(v)[0])
+    operator = hessian_vector_operator(f, params, 2.0, mode=mode)
+    for _ in range(2):
+        w = tree.map(torch.randn_like, v)
+        torch.testing.assert_close(tree.ravel(operator(w))[0], hessian @ tree.ravel(w)[0])
 
 
 def test_bad_arguments_are_named():

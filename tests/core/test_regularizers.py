@@ -14,7 +14,7 @@ DTYPE = torch.float64
 def policy():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).to(DTYPE)
-    params = tree.params_of(net, detach=True)
+    params = tree.detach(tree.params_of(net))
     return (lambda p, s: functional_call(net, p, (s,))), params
 
 

@@ -58,15 +58,16 @@ def test_accepted_step_respects_the_trust_region(seed, max_kl):
     assert info.loss_after == pytest.approx(float(loss_fn(new_params)))
 
 
+@pytest.mark.parametrize("hvp_mode", ["reverse-over-reverse", "forward-over-reverse"])
 @pytest.mark.parametrize("inner_steps", [0, 1], ids=["trpo", "maml-trpo"])
-def test_direction_is_the_natural_gradient(inner_steps):
+def test_direction_is_the_natural_gradient(inner_steps, hvp_mode):
     params, loss_fn, kl_fn = gaussian_policy_problem(11, inner_steps)
     flat, unravel = tree.ravel(params)
     fisher = torch.func.hessian(lambda x: kl_fn(unravel(x)))(flat)
     gradient = torch.func.grad(lambda x: loss_fn(unravel(x)))(flat)
     natural = torch.linalg.solve(fisher, gradient)
     max_kl = 1e-3
-    new_params, info = trpo_step(loss_fn, kl_fn, params, max_kl=max_kl, cg_iters=40, damping=0.0)
+    new_params, info = trpo_step(loss_fn, kl_fn, params, max_kl=max_kl, cg_iters=40, damping=0.0, hvp_mode=hvp_mode)
     assert info.accepted
     step = flat - tree.ravel(new_params)[0]
     expected = info.step_fraction * torch.sqrt(2 * max_kl / (gradient @ natural)) * natural
