@@ -21,7 +21,7 @@ import time
 import torch
 from torch.func import functional_call, vmap
 
-from bilevel import trpo_step, tree, unroll
+from bilevel import tree, trpo_step, unroll
 from bilevel.envs.navigation import BatchedNavigation2D
 from bilevel.inner import meta_sgd
 from bilevel.nets import GaussianMLPPolicy
