@@ -75,13 +75,13 @@ def collect(
     _check_positive("num_steps", num_steps)
     _check_next_step_autoreset(envs)
     device = torch.device(device)
-    obs = _as_tensor(envs.reset(seed=seed)[0], device)
-    is_reset_step = torch.zeros(envs.num_envs, dtype=torch.bool, device=device)
-    time = torch.zeros(envs.num_envs, dtype=torch.int64, device=device)
-    running_return = torch.zeros(envs.num_envs, device=device)
+    obs = envs.reset(seed=seed)[0]
+    is_reset_step = np.zeros(envs.num_envs, dtype=bool)
+    time = np.zeros(envs.num_envs, dtype=np.int64)
+    running_return = np.zeros(envs.num_envs)
     steps: list[_Step] = []
-    finished_returns: list[Tensor] = []
-    finished_lengths: list[Tensor] = []
+    finished_returns: list[np.ndarray] = []
+    finished_lengths: list[np.ndarray] = []
     for _ in range(num_steps):
         step = _step(envs, policy_fn, obs, valid=~is_reset_step, time=time, device=device)
         steps.append(step)
@@ -90,10 +90,15 @@ def collect(
         finished_returns.append(running_return[ended])
         finished_lengths.append(time[ended] + 1)
         running_return = running_return * ~ended
-        time = torch.where(step.valid, time + 1, 0)
+        time = np.where(step.valid, time + 1, 0)
         is_reset_step = ended
         obs = step.next_obs
-    return _stack(steps, torch.cat(finished_returns), torch.cat(finished_lengths))
+    return _stack(
+        steps,
+        _as_tensor(np.concatenate(finished_returns), device),
+        torch.as_tensor(np.concatenate(finished_lengths), device=device),
+        device,
+    )
 
 
 def collect_episodes(
@@ -133,43 +138,45 @@ def collect_episodes(
         for round_index in range(num_rounds)
     ]
     longest = max(len(round_steps) for round_steps in rounds)
-    columns = _concat_batch([_stack(_pad(round_steps, longest), None, None) for round_steps in rounds])
+    columns = _concat_batch([_stack(_pad(round_steps, longest), None, None, device) for round_steps in rounds])
     return _first_columns(columns, num_episodes)
 
 
 @dataclass(frozen=True)
 class _Step:
-    """One vector step, every tensor ``[B, ...]`` on the learner's device."""
+    """One vector step: the environment's outputs as NumPy arrays ``[B, ...]`` (converted
+    once per batch by `_stack`), the policy's outputs as tensors."""
 
-    obs: Tensor
+    obs: np.ndarray
     actions: Tensor
-    rewards: Tensor
-    next_obs: Tensor
-    terminated: Tensor
-    truncated: Tensor
-    valid: Tensor
-    time: Tensor
+    rewards: np.ndarray
+    next_obs: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    valid: np.ndarray
+    time: np.ndarray
     log_probs: Tensor | None
 
 
 def _step(
-    envs: VectorEnv, policy_fn: PolicyFn, obs: Tensor, *, valid: Tensor, time: Tensor, device: torch.device
+    envs: VectorEnv, policy_fn: PolicyFn, obs: np.ndarray, *, valid: np.ndarray, time: np.ndarray,
+    device: torch.device,
 ) -> _Step:
     """Query the policy at ``obs``, step ``envs`` and zero the reward and done flags of
     the invalid sub-environments."""
     with torch.no_grad():
-        actions, log_probs = policy_fn(obs)
+        actions, log_probs = policy_fn(_as_tensor(obs, device))
     next_obs, rewards, terminated, truncated, _ = envs.step(actions.detach().cpu().numpy())
     return _Step(
         obs=obs,
-        actions=actions.to(device),
-        rewards=_as_tensor(rewards, device) * valid,
-        next_obs=_as_tensor(next_obs, device),
-        terminated=torch.as_tensor(terminated, device=device) & valid,
-        truncated=torch.as_tensor(truncated, device=device) & valid,
+        actions=actions,
+        rewards=np.asarray(rewards, dtype=np.float64) * valid,
+        next_obs=next_obs,
+        terminated=np.asarray(terminated, dtype=bool) & valid,
+        truncated=np.asarray(truncated, dtype=bool) & valid,
         valid=valid,
         time=time * valid,
-        log_probs=None if log_probs is None else log_probs.to(device),
+        log_probs=log_probs,
     )
 
 
@@ -177,11 +184,11 @@ def _collect_round(
     envs: VectorEnv, policy_fn: PolicyFn, horizon: int, *, seed: int | None, device: torch.device
 ) -> list[_Step]:
     """Steps of one episode per sub-environment, until all have ended or ``horizon``."""
-    obs = _as_tensor(envs.reset(seed=seed)[0], device)
-    running = torch.ones(envs.num_envs, dtype=torch.bool, device=device)
+    obs = envs.reset(seed=seed)[0]
+    running = np.ones(envs.num_envs, dtype=bool)
     steps: list[_Step] = []
     for t in range(horizon):
-        time = torch.full((envs.num_envs,), t, dtype=torch.int64, device=device)
+        time = np.full(envs.num_envs, t, dtype=np.int64)
         step = _step(envs, policy_fn, obs, valid=running, time=time, device=device)
         steps.append(step)
         running = running & ~(step.terminated | step.truncated)
@@ -192,23 +199,32 @@ def _collect_round(
 
 
 def _stack(
-    steps: list[_Step], episode_returns: Tensor | None, episode_lengths: Tensor | None
+    steps: list[_Step], episode_returns: Tensor | None, episode_lengths: Tensor | None, device: torch.device
 ) -> Trajectories:
-    """Stack steps along a new time axis; without episode statistics, every column is
-    taken to be one episode from its first step."""
-    per_step = {name: _optional(torch.stack, _field(steps, name)) for name in PER_STEP_FIELDS}
+    """Stack steps along a new time axis onto ``device``; without episode statistics, every
+    column is taken to be one episode from its first step."""
+    per_step = {name: _optional(functools.partial(_stack_field, device=device), _field(steps, name))
+                for name in PER_STEP_FIELDS}
     if episode_returns is None:
         episode_returns = per_step["rewards"].sum(dim=0)
         episode_lengths = per_step["valid"].sum(dim=0)
     return Trajectories(**per_step, episode_returns=episode_returns, episode_lengths=episode_lengths)
 
 
+def _stack_field(values: list[Any], device: torch.device) -> Tensor:
+    if isinstance(values[0], Tensor):
+        return torch.stack(values).to(device)
+    return _as_tensor(np.stack(values), device)
+
+
 def _pad(steps: list[_Step], length: int) -> list[_Step]:
     """Extend ``steps`` to ``length`` with invalid all-zero steps."""
-    padding = _Step(
-        **{name: _optional(torch.zeros_like, getattr(steps[-1], name)) for name in PER_STEP_FIELDS}
-    )
+    padding = _Step(**{name: _optional(_zeros_like, getattr(steps[-1], name)) for name in PER_STEP_FIELDS})
     return steps + [padding] * (length - len(steps))
+
+
+def _zeros_like(value: Tensor | np.ndarray) -> Tensor | np.ndarray:
+    return torch.zeros_like(value) if isinstance(value, Tensor) else np.zeros_like(value)
 
 
 def _concat_batch(batches: list[Trajectories]) -> Trajectories:
