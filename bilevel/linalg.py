@@ -92,7 +92,8 @@ def conjugate_gradient(
         max_iter: iteration limit; ``None`` means twice the number of unknowns
             plus ten (CG is exact after ``n`` steps in exact arithmetic; the rest
             absorbs rounding). Under ``vmap`` every iteration runs.
-        tol, atol: stop once ``||r|| <= max(tol * ||b||, atol)``.
+        tol: relative tolerance: stop once ``||r|| <= max(tol * ||b||, atol)``.
+        atol: absolute tolerance.
         damping: Tikhonov damping added to the operator.
 
     Returns:

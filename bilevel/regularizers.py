@@ -91,15 +91,16 @@ def minimum_attention(
         states: time-major states ``[T, ..., obs_dim]``; consecutive rows along the
             first axis are consecutive control steps.
         dt: the control time step in seconds (``env.unwrapped.dt`` for MuJoCo).
-        spatial_weight, temporal_weight: ``alpha_x`` and ``alpha_t`` in
-            ``total = alpha_x * spatial + alpha_t * temporal``.
+        spatial_weight: ``alpha_x`` in ``total = alpha_x * spatial + alpha_t * temporal``.
+        temporal_weight: ``alpha_t``.
         valid: ``[T, ...]`` mask of real steps; a pair ``(t, t+1)`` counts in the
             temporal term only when both are valid, so an episode boundary marked
             by an invalid step is never differenced.
         estimator: ``"exact"`` (``vmap(jacrev)``, cost ``act_dim`` backward passes)
             or ``"hutchinson"`` (``num_probes`` ``jvp`` probes, unbiased, cost
             independent of the dimensions).
-        num_probes, generator: the Hutchinson probes.
+        num_probes: Rademacher probes of the Hutchinson estimate.
+        generator: draws the probes.
         reduce: means (0-dim) or per-step values.
 
     Returns:

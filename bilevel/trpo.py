@@ -85,7 +85,8 @@ def trpo_step(
         max_kl: the trust-region radius ``delta``.
         cg_iters: conjugate-gradient iterations for ``F^{-1} g``.
         damping: added to ``F`` for the solve.
-        backtrack_ratio, max_backtracks: the line search ``rho^j``, ``j < max_backtracks``.
+        backtrack_ratio: the line search's ratio ``rho``: it tries ``rho^j`` of the full step.
+        max_backtracks: the line search tries ``j = 0, ..., max_backtracks - 1``.
         hvp_mode: how Fisher-vector products are formed (see
             `bilevel.linalg.hessian_vector_operator`).
 
