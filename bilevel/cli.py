@@ -3,7 +3,9 @@
     bilevel train ALGORITHM --env ENV [--seed N] [--iterations N] [--FIELD VALUE ...] [--run-dir DIR]
     bilevel train ALGORITHM --resume RUN [--iterations N]
     bilevel eval RUN [--KEY VALUE ...]
-    bilevel plot RUN [RUN ...] [--y return] [--x env_steps] [--out FILE]
+    bilevel plot RUN_OR_SWEEP [...] [--y return] [--x env_steps] [--out FILE]
+    bilevel sweep SPEC.toml [--out SWEEP] [--address RAY_ADDRESS]
+    bilevel sweep --resume SWEEP
     bilevel list
 
 Every config field of the algorithm is an option (``attention_weight`` is
@@ -144,22 +146,68 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _expand_sweeps(paths: list[Path]) -> list[Path]:
+    """Run folders, with every sweep folder replaced by its trials' run folders."""
+    runs: list[Path] = []
+    for path in paths:
+        record = path / "sweep.json"
+        if record.exists():
+            runs += [path / t["name"] for t in json.loads(record.read_text())["trials"]
+                     if (path / t["name"] / "metrics.csv").exists()]
+        else:
+            runs.append(path)
+    return runs
+
+
 def _plot(argv: list[str]) -> int:
     from bilevel.runs.plot import plot_curves
+    from bilevel.runs.sweep import summarize
 
     parser = argparse.ArgumentParser(prog="bilevel plot", description="Learning curves with 95%% bands over seeds.")
-    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("runs", type=Path, nargs="+", help="run folders or sweep folders")
     parser.add_argument("--x", default="env_steps")
     parser.add_argument("--y", default="return")
-    parser.add_argument("--out", type=Path, help="the PNG (default: RUN/plots/Y.png of the first run)")
+    parser.add_argument("--out", type=Path, help="the PNG (default: FIRST/plots/Y.png)")
     args = parser.parse_args(argv)
     out = args.out or args.runs[0] / "plots" / f"{args.y}.png"
     try:
-        path = plot_curves(args.runs, out, x=args.x, y=args.y)
+        path = plot_curves(_expand_sweeps(args.runs), out, x=args.x, y=args.y)
+        for sweep in (p for p in args.runs if (p / "sweep.json").exists()):
+            summarize(sweep, metric=args.y)
+            print(sweep / "summary.md")
     except ValueError as error:
         print(f"bilevel plot: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(path)
+    return 0
+
+
+def _sweep(argv: list[str]) -> int:
+    from bilevel.runs.sweep import load_spec, run_sweep
+
+    parser = argparse.ArgumentParser(prog="bilevel sweep", description="Run a sweep spec on Ray.")
+    parser.add_argument("spec", type=Path, nargs="?", help="the TOML spec (not with --resume)")
+    parser.add_argument("--out", type=Path, help="the sweep folder (default: sweeps/NAME)")
+    parser.add_argument("--resume", type=Path, metavar="SWEEP", help="run the unfinished trials of SWEEP")
+    parser.add_argument("--address", help="a Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    args = parser.parse_args(argv)
+    try:
+        if args.resume is not None:
+            record = args.resume / "sweep.json"
+            if not record.exists():
+                raise ValueError(f"{str(args.resume)!r} is not a sweep folder: it has no sweep.json")
+            spec, sweep_dir = json.loads(record.read_text())["spec"], args.resume
+        elif args.spec is not None:
+            spec = load_spec(args.spec)
+            sweep_dir = args.out or Path("sweeps") / str(spec.get("name", args.spec.stem))
+        else:
+            raise ValueError("give a spec file or --resume SWEEP")
+        result = run_sweep(spec, sweep_dir, address=args.address, resume=args.resume is not None)
+    except ValueError as error:
+        print(f"bilevel sweep: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"ran {len(result['ran'])} trials, skipped {result['skipped']} finished -> {sweep_dir}")
+    print((Path(sweep_dir) / "summary.md").read_text())
     return 0
 
 
@@ -177,7 +225,7 @@ def _list(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "list": _list}
+COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "sweep": _sweep, "list": _list}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import dataclasses
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +85,15 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
+    after_iteration: Callable[[Learner], None] | None = None,
 ) -> Learner:
     """Train ``algorithm`` into ``run_dir`` until ``config.iterations``.
 
     With ``resume=True`` the run continues from its last checkpoint (its saved config
     with ``config.iterations`` as the new budget) and drops metric rows written after
     that checkpoint. Without it, an existing run folder is an error unless
-    ``overwrite=True``. ``progress=None`` shows the bar only on a terminal."""
+    ``overwrite=True``. ``progress=None`` shows the bar only on a terminal.
+    ``after_iteration(learner)`` runs after each iteration's metrics and checkpoint."""
     from tqdm.auto import tqdm
 
     folder = RunFolder(run_dir)
@@ -135,6 +138,8 @@ def train(
                 _checkpoint(folder, learner)
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("return", "env_steps_per_second") if k in row})
             bar.update(1)
+            if after_iteration is not None:
+                after_iteration(learner)
     finally:
         bar.close()
         if board is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -13,13 +14,22 @@ from bilevel.runs.folder import RunFolder, metric_series
 __all__ = ["group_by_config", "plot_curves", "seed_band"]
 
 
+IGNORED_IN_LABELS = ("seed", "device", "checkpoint_every", "iterations")
+
+
 def group_by_config(folders: list[RunFolder]) -> dict[str, list[RunFolder]]:
-    """Runs grouped by algorithm and config, seeds and devices aside; the key is a label."""
-    groups: dict[str, list[RunFolder]] = defaultdict(list)
+    """Runs grouped by algorithm and config, seeds and devices aside. The label names the
+    algorithm and the config values that differ between the groups."""
+    configs = []
     for folder in folders:
         algorithm, config = folder.read_config()
-        distinct = {k: v for k, v in config.items() if k not in ("seed", "device", "checkpoint_every", "iterations")}
-        groups[f"{algorithm} " + " ".join(f"{k}={v}" for k, v in sorted(distinct.items()))].append(folder)
+        configs.append({"algorithm": algorithm, **{k: v for k, v in config.items() if k not in IGNORED_IN_LABELS}})
+    keys = sorted({k for c in configs for k in c})
+    varying = [k for k in keys if k != "algorithm" and len({json.dumps(c.get(k)) for c in configs}) > 1]
+    groups: dict[str, list[RunFolder]] = defaultdict(list)
+    for folder, config in zip(folders, configs, strict=True):
+        label = " ".join([config["algorithm"], *(f"{k}={config.get(k)}" for k in varying)])
+        groups[label].append(folder)
     return dict(groups)
 
 

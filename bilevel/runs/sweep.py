@@ -1,0 +1,234 @@
+"""Sweeps: the product of algorithms x envs x overrides x seeds, each an ordinary run, on Ray.
+
+A spec is a TOML file::
+
+    name = "lambda-sweep"
+    seeds = [0, 1, 2]
+
+    [resources]            # per trial; Ray schedules by these
+    num_cpus = 1
+    num_gpus = 0
+    max_retries = 3        # a trial whose worker dies or raises is retried from its checkpoint
+
+    [[group]]
+    algorithm = "bomrl"
+    env = "frozenlake-hole"          # a name or a list
+    [group.overrides]                # scalars apply to all; lists form a grid (a list of
+                                     # lists for a sequence field such as hidden)
+    iterations = 50
+    lam = [0.5, 1.0]
+
+The sweep folder holds ``sweep.json`` (the spec and its trials), one run folder per trial,
+``summary.csv`` and ``summary.md``. A trial is finished when its checkpoint has reached its
+budget; ``bilevel sweep --resume SWEEP`` runs only the unfinished ones, each from its last
+checkpoint, and never touches a finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bilevel.runs.folder import RunFolder, atomic_write_text
+from bilevel.runs.learner import Learner, get_algorithm
+from bilevel.runs.loop import make_config, train
+
+__all__ = ["Trial", "expand_spec", "load_spec", "run_sweep", "summarize", "trial_finished"]
+
+RESOURCE_KEYS = {"num_cpus", "num_gpus", "max_retries"}
+SPEC_KEYS = {"name", "seeds", "resources", "group"}
+GROUP_KEYS = {"algorithm", "env", "overrides"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One run of a sweep: an algorithm, its full config values, and its folder name."""
+
+    algorithm: str
+    values: dict[str, Any]
+    name: str
+
+
+def load_spec(path: str | Path) -> dict[str, Any]:
+    """Read a TOML spec."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"sweep spec {str(path)!r} does not exist")
+    with path.open("rb") as handle:
+        return tomllib.load(handle)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _is_grid(algorithm: str, key: str, value: Any) -> bool:
+    """A list is a grid axis, except for a sequence-valued field (``hidden = [64, 64]``),
+    whose grid is a list of lists."""
+    if not isinstance(value, list):
+        return False
+    fields = {f.name: f for f in dataclasses.fields(get_algorithm(algorithm).Config)}
+    if key in fields and isinstance(fields[key].default, (tuple, list)):
+        return bool(value) and isinstance(value[0], list)
+    return True
+
+
+def _trial_name(algorithm: str, values: dict[str, Any], grid_keys: list[str]) -> str:
+    parts = [algorithm, str(values["env"])] + [f"{k}={values[k]}" for k in grid_keys] + [f"s{values['seed']}"]
+    return "-".join(parts).replace("/", "_").replace(" ", "")
+
+
+def expand_spec(spec: dict[str, Any]) -> list[Trial]:
+    """Every trial of ``spec``, each config built and validated: an unknown algorithm,
+    env or override key, a bad value or an empty seed list raises ``ValueError``
+    naming it before anything runs."""
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"unknown sweep spec key(s) {unknown}; known: {sorted(SPEC_KEYS)}")
+    seeds = _as_list(spec.get("seeds", [0]))
+    if not seeds:
+        raise ValueError("`seeds` must list at least one seed; got []")
+    unknown = sorted(set(spec.get("resources", {})) - RESOURCE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown `resources` key(s) {unknown}; known: {sorted(RESOURCE_KEYS)}")
+    groups = spec.get("group", [])
+    if not groups:
+        raise ValueError("the spec has no [[group]]: name at least one algorithm")
+    trials: list[Trial] = []
+    for group in groups:
+        unknown = sorted(set(group) - GROUP_KEYS)
+        if unknown:
+            raise ValueError(f"unknown [[group]] key(s) {unknown}; known: {sorted(GROUP_KEYS)}")
+        if "algorithm" not in group:
+            raise ValueError("every [[group]] needs an `algorithm`")
+        overrides = dict(group.get("overrides", {}))
+        for algorithm, env, seed in itertools.product(
+            _as_list(group["algorithm"]), _as_list(group.get("env", "")), seeds
+        ):
+            grid_keys = sorted(k for k, v in overrides.items() if _is_grid(algorithm, k, v))
+            for grid_values in itertools.product(*(overrides[k] for k in grid_keys)):
+                values = {**overrides, **dict(zip(grid_keys, grid_values, strict=True)), "env": env, "seed": seed}
+                config = make_config(algorithm, values)
+                full = dataclasses.asdict(config)
+                trials.append(Trial(algorithm, full, _trial_name(algorithm, full, grid_keys)))
+    names = [t.name for t in trials]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"the spec names the same trial twice: {duplicates}")
+    return trials
+
+
+def trial_finished(run_dir: Path, iterations: int) -> bool:
+    """Whether ``run_dir``'s checkpoint has reached ``iterations``."""
+    checkpoint = RunFolder(run_dir).checkpoint_path
+    if not checkpoint.exists():
+        return False
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]
+    return state["iteration"] >= iterations
+
+
+def _run_trial(trial: Trial, run_dir: str, fault: tuple[int, int] | None) -> dict[str, Any]:
+    """Train one trial to its budget, from its checkpoint if it has one (a retry)."""
+    run_path = Path(run_dir)
+    resume = RunFolder(run_path).checkpoint_path.exists()
+    after_iteration: Callable[[Learner], None] | None = None
+    if fault is not None:
+        kill_iteration, _ = fault
+        marker = run_path / ".fault-injected"
+
+        def after_iteration(learner: Learner) -> None:
+            if learner.iteration == kill_iteration and not marker.exists():
+                marker.touch()
+                os._exit(1)
+
+    config = make_config(trial.algorithm, trial.values)
+    learner = train(trial.algorithm, config, run_path, resume=resume, progress=False, after_iteration=after_iteration)
+    return {"trial": trial.name, "iteration": learner.iteration, "env_steps": learner.env_steps}
+
+
+def run_sweep(
+    spec: dict[str, Any],
+    sweep_dir: str | Path,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    fault: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Run every unfinished trial of ``spec`` as a Ray task and write the summary.
+
+    ``address`` (or ``RAY_ADDRESS``) joins an existing cluster; without it a local Ray
+    uses every core. ``fault=(iteration, trial_index)`` kills that trial's worker once,
+    after that iteration's checkpoint: the retry path, exercised by the tests."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("sweeps run on Ray: pip install 'bilevel[ray]'") from None
+    trials = expand_spec(spec)
+    sweep_path = Path(sweep_dir)
+    record = {"spec": spec, "trials": [dataclasses.asdict(t) for t in trials]}
+    if (sweep_path / "sweep.json").exists() and not resume:
+        raise ValueError(f"sweep folder {str(sweep_path)!r} exists; pass --resume to continue it")
+    atomic_write_text(sweep_path / "sweep.json", json.dumps(record, indent=2) + "\n")
+
+    pending = [(i, t) for i, t in enumerate(trials) if not trial_finished(sweep_path / t.name, t.values["iterations"])]
+    resources = {"num_cpus": 1, "num_gpus": 0, "max_retries": 3, **spec.get("resources", {})}
+    address = address or os.environ.get("RAY_ADDRESS")
+    init_options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if address is None:
+        init_options["_node_ip_address"] = "127.0.0.1"
+    ray.init(address=address, **init_options)
+    try:
+        remote = ray.remote(_run_trial).options(
+            num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
+            max_retries=resources["max_retries"], retry_exceptions=True,
+        )
+        refs = [remote.remote(t, str(sweep_path / t.name), fault if fault and fault[1] == i else None)
+                for i, t in pending]
+        results = ray.get(refs)
+    finally:
+        ray.shutdown()
+    summary = summarize(sweep_path)
+    return {"ran": [r["trial"] for r in results], "skipped": len(trials) - len(pending), "summary": summary}
+
+
+def summarize(sweep_dir: str | Path, metric: str = "return", last: int = 5) -> list[dict[str, Any]]:
+    """Final ``metric`` (the mean of each run's last ``last`` rows) per configuration, mean
+    and standard error over seeds; written to ``summary.csv`` and ``summary.md``."""
+    from bilevel.runs.plot import group_by_config
+
+    sweep_path = Path(sweep_dir)
+    trials = [Trial(**t) for t in json.loads((sweep_path / "sweep.json").read_text())["trials"]]
+    folders = [RunFolder(sweep_path / t.name) for t in trials if (sweep_path / t.name / "config.json").exists()]
+    rows = []
+    for label, group in group_by_config(folders).items():
+        finals = []
+        for folder in group:
+            values = [row[metric] for row in folder.read_metrics() if metric in row][-last:]
+            if values:
+                finals.append(sum(values) / len(values))
+        if not finals:
+            continue
+        mean = sum(finals) / len(finals)
+        stderr = (math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1) / len(finals))
+                  if len(finals) > 1 else float("nan"))
+        rows.append({"config": label, "seeds": len(finals), "mean": mean, "stderr": stderr})
+    csv_lines = ["config,seeds,mean,stderr"] + [f'"{r["config"]}",{r["seeds"]},{r["mean"]!r},{r["stderr"]!r}'
+                                                for r in rows]
+    atomic_write_text(sweep_path / "summary.csv", "\n".join(csv_lines) + "\n")
+    md = [f"| config | seeds | final {metric} (mean of last {last} rows) | standard error |", "|---|---:|---:|---:|"]
+    md += [f"| {r['config']} | {r['seeds']} | {r['mean']:.4g} | {r['stderr']:.2g} |" for r in rows]
+    atomic_write_text(sweep_path / "summary.md", "\n".join(md) + "\n")
+    return rows
