@@ -1,0 +1,102 @@
+"""Do Ray actors pay for themselves as collectors? HalfCheetah-v5 steps per second.
+
+Three ways to collect the same number of transitions with the same Gaussian MLP policy:
+- `SyncVectorEnv` of 16 envs in this process (`bilevel.rl.collect`);
+- `AsyncVectorEnv` of 16 envs, one subprocess each (Gymnasium's multi-core default);
+- Ray actors, one per core, each holding a `SyncVectorEnv` of 16 / cores envs and a copy of
+  the policy, collecting in parallel; the batches come back through Ray's object store.
+
+On one machine the question is whether Ray's scheduling and serialisation cost less than
+what a second core gains; across machines Ray is the only one of the three that scales, and
+this measures its per-batch cost.
+
+Run: ``.venv/bin/python benchmarks/parallel_collection.py [--steps 200]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import gymnasium as gym
+import torch
+
+from bilevel.nets import GaussianMLPPolicy
+from bilevel.rl import collect, make_vector_env
+
+NUM_ENVS = 16
+
+
+def _policy_fn(policy: GaussianMLPPolicy, generator: torch.Generator):
+    def policy_fn(obs):
+        dist = policy(obs)
+        actions = dist.sample(generator=generator)
+        return actions, dist.log_prob(actions)
+
+    return policy_fn
+
+
+def vector_rate(steps: int, asynchronous: bool) -> float:
+    torch.set_num_threads(1)
+    envs = make_vector_env(lambda: gym.make("HalfCheetah-v5"), NUM_ENVS, asynchronous=asynchronous)
+    policy_fn = _policy_fn(GaussianMLPPolicy(17, 6), torch.Generator().manual_seed(0))
+    collect(envs, policy_fn, 5, seed=0)
+    start = time.perf_counter()
+    collect(envs, policy_fn, steps, seed=0)
+    rate = steps * NUM_ENVS / (time.perf_counter() - start)
+    envs.close()
+    return rate
+
+
+def ray_rate(steps: int, workers: int) -> tuple[float, float]:
+    """(env steps per second, seconds to start Ray and the actors)."""
+    import ray
+
+    begin = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+
+    @ray.remote(num_cpus=1)
+    class Collector:
+        def __init__(self, num_envs: int, seed: int) -> None:
+            torch.set_num_threads(1)
+            self.envs = make_vector_env(lambda: gym.make("HalfCheetah-v5"), num_envs)
+            self.policy = GaussianMLPPolicy(17, 6)
+            self.policy_fn = _policy_fn(self.policy, torch.Generator().manual_seed(seed))
+            self.seed = seed
+
+        def collect(self, policy_state: dict, steps: int):
+            self.policy.load_state_dict(policy_state)
+            return collect(self.envs, self.policy_fn, steps, seed=self.seed)
+
+    collectors = [Collector.remote(NUM_ENVS // workers, i) for i in range(workers)]
+    state = GaussianMLPPolicy(17, 6).state_dict()
+    ray.get([c.collect.remote(state, 5) for c in collectors])
+    startup = time.perf_counter() - begin
+    start = time.perf_counter()
+    batches = ray.get([c.collect.remote(state, steps) for c in collectors])
+    rate = sum(b.num_steps * b.batch_size for b in batches) / (time.perf_counter() - start)
+    ray.shutdown()
+    return rate, startup
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=200, help="vector steps (each NUM_ENVS env steps)")
+    args = parser.parse_args()
+    workers = os.cpu_count() or 1
+    sync = vector_rate(args.steps, asynchronous=False)
+    asynchronous = vector_rate(args.steps, asynchronous=True)
+    ray_steps, ray_startup = ray_rate(args.steps, workers)
+    print(f"HalfCheetah-v5, {NUM_ENVS} envs, {args.steps} vector steps, {workers} cores")
+    print("| collector | env steps/s | against Sync |")
+    print("|---|---:|---:|")
+    print(f"| SyncVectorEnv, 1 process | {sync:,.0f} | 1.00 |")
+    print(f"| AsyncVectorEnv, {NUM_ENVS} subprocesses | {asynchronous:,.0f} | {asynchronous / sync:.2f} |")
+    print(f"| Ray, {workers} actors x {NUM_ENVS // workers} envs (start {ray_startup:.1f} s, not counted) | "
+          f"{ray_steps:,.0f} | {ray_steps / sync:.2f} |")
+    print(f"command: .venv/bin/python benchmarks/parallel_collection.py --steps {args.steps}")
+
+
+if __name__ == "__main__":
+    main()
