@@ -186,14 +186,14 @@ def implicit_root(
 
         @functools.wraps(solver)
         def decorated(init: Tree, *meta_args: Any) -> Tree:
-            meta_leaves, meta_spec = optree.tree_flatten(meta_args, namespace="torch", none_is_leaf=True)
+            meta_leaves, meta_spec = optree.tree_flatten(meta_args, none_is_leaf=True)
             tensor_leaves = [leaf for leaf in meta_leaves if isinstance(leaf, Tensor)]
             template = tuple(_TENSOR if isinstance(leaf, Tensor) else leaf for leaf in meta_leaves)
             frozen_args = optree.tree_map(
                 lambda a: a.detach() if isinstance(a, Tensor) else a, meta_args, none_is_leaf=True
             )
             solution = tree.detach(solver(tree.detach(init), *frozen_args))
-            solution_leaves, solution_spec = optree.tree_flatten(solution, namespace="torch")
+            solution_leaves, solution_spec = optree.tree_flatten(solution)
             problem = _Problem(
                 optimality_fn=optimality_fn,
                 linear_solver=linear_solver,

@@ -2,8 +2,11 @@
 
 A parameter tree is any nest of dicts, lists and tuples whose leaves are tensors;
 in practice the ``dict[str, Tensor]`` that ``torch.func.functional_call`` expects.
-Trees are flattened with `optree`, the library TorchOpt flattens with, so trees
-produced by TorchOpt optimisers and by these helpers always agree.
+Trees are flattened with `optree` (the library TorchOpt flattens with) in its
+default namespace, where dict leaves come in sorted key order, always. (In the
+``"torch"`` namespace the order turns from sorted to insertion order once
+``torch.func`` first imports ``torch.utils._cxx_pytree``, so a vector from `ravel`
+would change meaning in the middle of a process.)
 
 Every function here is pure, keeps each leaf on its device and dtype, and
 composes with ``torch.func`` transforms and with ``torch.autograd``.
@@ -45,25 +48,25 @@ __all__ = [
 
 def map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:  # noqa: A001
     """Apply ``fn`` leafwise to one tree or to several trees of the same structure."""
-    return optree.tree_map(fn, tree, *rest, namespace="torch")
+    return optree.tree_map(fn, tree, *rest)
 
 
 def leaves(tree: Tree) -> list[Tensor]:
     """The leaves of ``tree`` in flattening order."""
-    return optree.tree_leaves(tree, namespace="torch")
+    return optree.tree_leaves(tree)
 
 
 def check_same_structure(a: Tree, b: Tree, names: tuple[str, str] = ("a", "b")) -> None:
     """Raise ``ValueError`` naming both arguments when ``a`` and ``b`` differ in
     structure or in any leaf's shape."""
-    spec_a = optree.tree_structure(a, namespace="torch")
-    spec_b = optree.tree_structure(b, namespace="torch")
+    spec_a = optree.tree_structure(a)
+    spec_b = optree.tree_structure(b)
     if spec_a != spec_b:
         raise ValueError(
             f"`{names[0]}` and `{names[1]}` must be trees of the same structure; "
             f"got {spec_a} and {spec_b}"
         )
-    paths = optree.tree_paths(a, namespace="torch")
+    paths = optree.tree_paths(a)
     for path, leaf_a, leaf_b in zip(paths, leaves(a), leaves(b), strict=True):
         if leaf_a.shape != leaf_b.shape:
             where = "/".join(str(p) for p in path) or "<root>"
@@ -154,7 +157,7 @@ def ravel(a: Tree) -> tuple[Tensor, Callable[[Tensor], Tree]]:
 
     Returns the vector and ``unravel``, which maps any vector of that length back
     to a tree shaped like ``a``. Differentiable both ways."""
-    flat, spec = optree.tree_flatten(a, namespace="torch")
+    flat, spec = optree.tree_flatten(a)
     shapes = [x.shape for x in flat]
     sizes = [x.numel() for x in flat]
     vector = torch.cat([x.reshape(-1) for x in flat]) if flat else torch.zeros(0)

@@ -1,5 +1,7 @@
 """Parameter-tree helpers."""
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -36,3 +38,13 @@ def test_structure_mismatch_names_the_leaf():
         tree.check_same_structure({"w": torch.ones(2)}, {"v": torch.ones(2)}, ("params", "v"))
     with pytest.raises(ValueError, match="entries"):
         tree.ravel({"w": torch.ones(2)})[1](torch.ones(3))
+
+
+def test_ravel_order_is_sorted_and_stable_across_torch_func_imports():
+    t = {"b": torch.tensor([2.0]), "a": torch.tensor([1.0])}
+    before = tree.ravel(t)[0]
+    torch.func.grad(lambda x: (x**2).sum())(torch.ones(2))
+    importlib.import_module("torch.utils._cxx_pytree")
+    assert torch.equal(tree.ravel(t)[0], before)
+    assert torch.equal(before, torch.tensor([1.0, 2.0]))
+    tree.check_same_structure(t, {"a": torch.zeros(1), "b": torch.zeros(1)})
