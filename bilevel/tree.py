@@ -79,11 +79,12 @@ def check_same_structure(a: Tree, b: Tree, names: tuple[str, str] = ("a", "b")) 
 def params_of(module: nn.Module, *, detach: bool = False) -> dict[str, Tensor]:
     """The parameters of ``module`` as a ``functional_call`` tree (name -> tensor).
 
-    With ``detach=True`` the leaves are detached copies that require grad, the
-    usual starting point of a functional training loop."""
+    With ``detach=True`` the leaves are detached copies, the starting point of a
+    functional loop (``torch.func.grad`` needs no ``requires_grad``); otherwise they
+    are the module's own parameters."""
     params = dict(module.named_parameters())
     if detach:
-        return {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
+        return {k: v.detach().clone() for k, v in params.items()}
     return params
 
 

@@ -24,7 +24,8 @@ def test_ravel_round_trip_and_arithmetic():
 def test_params_of_and_stack():
     modules = [nn.Linear(3, 2) for _ in range(4)]
     params = tree.params_of(modules[0], detach=True)
-    assert set(params) == {"weight", "bias"} and params["weight"].requires_grad
+    assert set(params) == {"weight", "bias"} and not params["weight"].requires_grad
+    assert params["weight"].data_ptr() != modules[0].weight.data_ptr()
     stacked, _ = tree.stack(modules)
     assert stacked["weight"].shape == (4, 2, 3)
     with pytest.raises(ValueError, match="modules"):

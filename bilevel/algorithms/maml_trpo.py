@@ -1,0 +1,483 @@
+"""MAML-TRPO: model-agnostic meta-learning with a policy-gradient inner step and a TRPO outer step.
+
+Finn et al. 2017 ("Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", Alg. 3),
+with the outer step of Schulman et al. 2015 (TRPO), as in pytorch-maml-rl. Per meta-iteration,
+for a batch of ``N`` tasks ``T_i``:
+
+    D_i   = B episodes of pi_theta on T_i                                   (train batch)
+    theta'_i(theta) = unroll(L_REINFORCE(.; D_i), theta, sgd(alpha), K)     (Finn et al. 2017, eq. 1)
+    D'_i  = B episodes of pi_{theta'_i} on T_i                              (validation batch)
+    L(theta)  = mean_i -mean_{D'_i}[ pi_{theta'_i(theta)}(a|s) / pi_old,i(a|s) * A_i ]
+    KL(theta) = mean_i  mean_{D'_i}[ KL(pi_old,i(.|s) || pi_{theta'_i(theta)}(.|s)) ]
+    theta <- trpo_step(L, KL, theta)                                        (Schulman et al. 2015, App. C)
+
+where ``pi_old,i`` is the adapted policy that collected ``D'_i`` (a constant). ``L`` and ``KL``
+recompute the adaptation, so the meta-gradient and the Fisher-vector products differentiate
+through it (second order unless ``first_order``). The adaptation and both objectives are one
+``torch.func.vmap`` over the task axis. Advantages are GAE over a linear feature baseline fitted
+per task and batch, standardised per task. The horizon is part of the task (finite-horizon
+returns, as in pytorch-maml-rl): an episode cut at the horizon is not bootstrapped.
+
+Shape convention: ``N`` tasks, ``T`` steps (the horizon), ``B`` episodes per task, ``D`` and
+``A`` the observation and action sizes; per-task tensors are time-major ``[T, B, ...]`` and
+stacked over tasks ``[N, T, B, ...]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torchopt
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from bilevel import tree
+from bilevel.envs import BatchedNavigation2D, goals_tensor, make_family
+from bilevel.inner import unroll
+from bilevel.nets import GaussianMLPPolicy, gaussian_kl
+from bilevel.rl import (
+    Trajectories,
+    collect_episodes,
+    discounted_returns,
+    fit_linear_baseline,
+    gae,
+    importance_weighted_loss,
+    linear_baseline_values,
+    make_vector_env,
+    masked_mean,
+    reinforce_loss,
+    standardize,
+)
+from bilevel.runs import Learner, RunConfig, derive_seed, register
+from bilevel.tree import Tree
+from bilevel.trpo import TRPOInfo, trpo_step
+
+__all__ = [
+    "MAMLTRPO",
+    "Behaviour",
+    "InnerLoop",
+    "MAMLTRPOConfig",
+    "TaskData",
+    "TaskEpisodes",
+    "adapt",
+    "adapt_tasks",
+    "behaviour_of",
+    "meta_objectives",
+    "sample_gym_tasks",
+    "sample_navigation",
+    "task_data",
+]
+
+NAVIGATION = "navigation-2d"
+DEFAULT_HORIZONS = {NAVIGATION: 100, "halfcheetah-vel": 200, "halfcheetah-dir": 200, "ant-dir": 200}
+"""pytorch-maml-rl's horizons: 100 steps for 2-D navigation, 200 for the MuJoCo tasks."""
+HELD_OUT_TASKS_KEY = 7_919
+"""Seeds the held-out tasks of `MAMLTRPO.evaluate` (the same for every training seed)."""
+SEED_PURPOSES = {"tasks": 0, "actions": 1, "train_envs": 2, "valid_envs": 3}
+
+
+class TaskEpisodes(NamedTuple):
+    """Whole episodes of ``N`` tasks, one per column: ``obs``/``next_obs`` ``[N, T, B, D]``,
+    ``actions`` ``[N, T, B, A]``, ``rewards`` ``[N, T, B]``, ``valid`` ``[N, T, B]`` bool (False
+    after an episode's end), ``time`` ``[N, T, B]`` int64 (``t`` on valid steps)."""
+
+    obs: Tensor
+    actions: Tensor
+    rewards: Tensor
+    next_obs: Tensor
+    valid: Tensor
+    time: Tensor
+
+    def episode_returns(self) -> Tensor:
+        """Undiscounted return of every episode, ``[N, B]``."""
+        return (self.rewards * self.valid).sum(dim=1)
+
+
+class TaskData(NamedTuple):
+    """What a policy-gradient loss reads: ``obs`` ``[.., T, B, D]``, ``actions`` ``[.., T, B, A]``,
+    standardised ``advantages`` and ``valid`` ``[.., T, B]``; a leading ``[N]`` when stacked."""
+
+    obs: Tensor
+    actions: Tensor
+    advantages: Tensor
+    valid: Tensor
+
+
+class Behaviour(NamedTuple):
+    """The policy that collected a batch, at that batch's states: ``log_probs`` ``[.., T, B]`` of the
+    actions taken, ``mean`` and ``log_std`` ``[.., T, B, A]``."""
+
+    log_probs: Tensor
+    mean: Tensor
+    log_std: Tensor
+
+
+class InnerLoop(NamedTuple):
+    """The adaptation ``theta' = unroll(L_REINFORCE, theta, sgd(lr), steps)`` of one task."""
+
+    policy: nn.Module
+    lr: float
+    steps: int
+    first_order: bool = False
+
+
+def episode_ends(valid: Tensor) -> Tensor:
+    """``[T, ...]`` bool, True at the last valid step of each column: ``valid_t and not valid_{t+1}``."""
+    next_valid = torch.cat([valid[1:], torch.zeros_like(valid[:1])])
+    return valid & ~next_valid
+
+
+def standardized_advantages(episodes: TaskEpisodes, gamma: float, gae_lambda: float) -> Tensor:
+    """One task's advantages ``[T, B]``: GAE (Schulman et al. 2016, eq. 16) over the linear feature
+    baseline ``V(s, t)`` fitted to this batch's discounted returns, standardised over valid steps.
+
+    Every episode end is terminal (finite horizon): ``G_t = sum_{l < T - t} gamma^l r_{t+l}``."""
+    ends = episode_ends(episodes.valid)
+    not_cut = torch.zeros_like(ends)
+    returns = discounted_returns(episodes.rewards, ends, not_cut, torch.zeros_like(episodes.rewards), gamma,
+                                 episodes.valid)
+    weights = fit_linear_baseline(episodes.obs, returns, episodes.time, episodes.valid)
+    values = linear_baseline_values(weights, episodes.obs, episodes.time)
+    next_values = linear_baseline_values(weights, episodes.next_obs, episodes.time + 1)
+    advantages = gae(episodes.rewards, values, next_values, ends, not_cut, gamma, gae_lambda, episodes.valid)
+    return standardize(advantages, episodes.valid)
+
+
+def task_data(episodes: TaskEpisodes, gamma: float, gae_lambda: float) -> TaskData:
+    """`TaskData` of every task of ``episodes`` (``[N, ...]``), advantages computed per task in one vmap."""
+    advantages = vmap(standardized_advantages, in_dims=(0, None, None))(episodes, gamma, gae_lambda)
+    return TaskData(episodes.obs, episodes.actions, advantages, episodes.valid)
+
+
+def action_distribution(policy: nn.Module, params: Tree, obs: Tensor) -> Any:
+    """``pi_params(. | obs)``, a ``DiagGaussian`` with batch shape ``obs.shape[:-1]``."""
+    return functional_call(policy, params, (obs,))
+
+
+def adapt(meta_params: Tree, train: TaskData, inner: InnerLoop) -> Tree:
+    """``theta'`` after ``inner.steps`` SGD steps on one task's REINFORCE loss
+    ``-mean_valid[log pi_theta(a|s) A]`` (Finn et al. 2017, eq. 1, repeated on the same batch)."""
+
+    def inner_loss(params: Tree) -> Tensor:
+        log_probs = action_distribution(inner.policy, params, train.obs).log_prob(train.actions)
+        return reinforce_loss(log_probs, train.advantages, train.valid)
+
+    return unroll(inner_loss, meta_params, torchopt.sgd(inner.lr), inner.steps, first_order=inner.first_order)
+
+
+def adapt_tasks(meta_params: Tree, train: TaskData, inner: InnerLoop) -> Tree:
+    """`adapt` for every task of ``train`` (``[N, ...]``) in one vmap: a tree with a leading ``[N]``."""
+    return vmap(adapt, in_dims=(None, 0, None))(meta_params, train, inner)
+
+
+def behaviour_of(policy: nn.Module, adapted_params: Tree, valid: TaskData) -> Behaviour:
+    """The per-task adapted policies (tree with a leading ``[N]``) at their validation batch, detached."""
+
+    def one_task(params: Tree, obs: Tensor, actions: Tensor) -> Behaviour:
+        distribution = action_distribution(policy, params, obs)
+        return Behaviour(distribution.log_prob(actions), distribution.mean, distribution.log_std)
+
+    with torch.no_grad():
+        return vmap(one_task)(tree.detach(adapted_params), valid.obs, valid.actions)
+
+
+def task_surrogate_loss(meta_params: Tree, train: TaskData, valid: TaskData, behaviour: Behaviour,
+                        inner: InnerLoop) -> Tensor:
+    """``-mean_valid[pi_{theta'}(a|s) / pi_old(a|s) * A]`` on one task's validation batch, ``theta'`` adapted
+    from ``meta_params`` on its train batch."""
+    adapted_params = adapt(meta_params, train, inner)
+    log_probs = action_distribution(inner.policy, adapted_params, valid.obs).log_prob(valid.actions)
+    return importance_weighted_loss(log_probs, behaviour.log_probs, valid.advantages, valid.valid)
+
+
+def task_kl(meta_params: Tree, train: TaskData, valid: TaskData, behaviour: Behaviour, inner: InnerLoop) -> Tensor:
+    """``mean_valid KL(pi_old(.|s) || pi_{theta'}(.|s))`` over one task's validation states."""
+    adapted_params = adapt(meta_params, train, inner)
+    distribution = action_distribution(inner.policy, adapted_params, valid.obs)
+    kl = gaussian_kl(behaviour.mean, behaviour.log_std, distribution.mean, distribution.log_std)
+    return masked_mean(kl, valid.valid)
+
+
+def meta_objectives(train: TaskData, valid: TaskData, behaviour: Behaviour,
+                    inner: InnerLoop) -> tuple[Callable[[Tree], Tensor], Callable[[Tree], Tensor]]:
+    """``(L, KL)``, the outer loss and mean KL as functions of the meta-parameters, each the mean over
+    tasks of one vmapped per-task computation; what `trpo_step` takes."""
+    in_dims = (None, 0, 0, 0, None)
+
+    def meta_loss(meta_params: Tree) -> Tensor:
+        return vmap(task_surrogate_loss, in_dims=in_dims)(meta_params, train, valid, behaviour, inner).mean()
+
+    def meta_kl(meta_params: Tree) -> Tensor:
+        return vmap(task_kl, in_dims=in_dims)(meta_params, train, valid, behaviour, inner).mean()
+
+    return meta_loss, meta_kl
+
+
+def _actions(policy: nn.Module, params: Tree, obs: Tensor, generator: torch.Generator | None,
+             per_task: bool) -> Tensor:
+    """Actions at ``obs`` ``[N, ..., D]``: ``mean + std * eps`` (the mean when ``generator`` is None);
+    ``params`` has a leading ``[N]`` when ``per_task``."""
+
+    def mean_and_std(task_params: Tree, task_obs: Tensor) -> tuple[Tensor, Tensor]:
+        distribution = action_distribution(policy, task_params, task_obs)
+        return distribution.mean, distribution.stddev
+
+    with torch.no_grad():
+        mean, std = vmap(mean_and_std)(params, obs) if per_task else mean_and_std(params, obs)
+        if generator is None:
+            return mean
+        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+
+
+def sample_navigation(policy: nn.Module, params: Tree, goals: Tensor, episodes: int, horizon: int,
+                      generator: torch.Generator | None, *, per_task: bool) -> TaskEpisodes:
+    """``episodes`` episodes on each goal of ``goals`` ``[N, 2]``, all tasks stepped as one batch by
+    `BatchedNavigation2D`; ``generator=None`` takes the mean action."""
+    env = BatchedNavigation2D(num_envs_per_task=episodes, horizon=horizon)
+    obs = env.reset(goals)
+    steps: dict[str, list[Tensor]] = {"obs": [], "actions": [], "rewards": [], "next_obs": []}
+    for _ in range(horizon):
+        actions = _actions(policy, params, obs, generator, per_task)
+        next_obs, rewards, _, _ = env.step(actions)
+        for name, value in zip(steps, (obs, actions, rewards, next_obs), strict=True):
+            steps[name].append(value)
+        obs = next_obs
+    stacked = {name: torch.stack(values, dim=1) for name, values in steps.items()}
+    valid = torch.ones_like(stacked["rewards"], dtype=torch.bool)
+    time = torch.arange(horizon, device=goals.device)[None, :, None].expand_as(valid)
+    return TaskEpisodes(**stacked, valid=valid, time=time)
+
+
+def _pad_time(batch: Trajectories, horizon: int) -> TaskEpisodes:
+    """One task's episodes with the time axis padded by invalid zero steps to ``horizon``."""
+
+    def padded(value: Tensor) -> Tensor:
+        return torch.cat([value, value.new_zeros((horizon - value.shape[0], *value.shape[1:]))])
+
+    return TaskEpisodes(*(padded(getattr(batch, name)) for name in TaskEpisodes._fields))
+
+
+def sample_gym_tasks(family: Any, tasks: list[Any], policy: nn.Module, params: Tree, episodes: int, horizon: int,
+                     generator: torch.Generator | None, *, per_task: bool, env_seed: int, num_envs: int,
+                     asynchronous: bool = False, device: torch.device | str = "cpu") -> TaskEpisodes:
+    """``episodes`` episodes per task with `collect_episodes` on a vector env of ``num_envs`` copies of
+    ``family.make_env(task)`` (a loop over tasks); task ``i`` resets with seeds from ``env_seed + i * 10^6``."""
+    batches = []
+    for task_index, task in enumerate(tasks):
+        task_params = tree.map(lambda leaf, i=task_index: leaf[i], params) if per_task else params
+
+        def policy_fn(obs: Tensor, task_params: Tree = task_params) -> tuple[Tensor, None]:
+            return _actions(policy, task_params, obs, generator, per_task=False), None
+
+        envs = make_vector_env(functools.partial(family.make_env, task, max_episode_steps=horizon), num_envs,
+                               asynchronous=asynchronous)
+        try:
+            batch = collect_episodes(envs, policy_fn, episodes, horizon=horizon, seed=env_seed + task_index * 10**6,
+                                     device=device)
+        finally:
+            envs.close()
+        batches.append(_pad_time(batch, horizon))
+    return TaskEpisodes(*(torch.stack(values) for values in zip(*batches, strict=True)))
+
+
+@dataclasses.dataclass
+class MAMLTRPOConfig(RunConfig):
+    """MAML-TRPO with pytorch-maml-rl's defaults."""
+
+    env: str = NAVIGATION
+    """The task family: navigation-2d, halfcheetah-vel, halfcheetah-dir or ant-dir."""
+    iterations: int = 500
+    """Meta-iterations (pytorch-maml-rl's num-batches)."""
+    meta_batch_size: int = 40
+    """Tasks sampled per meta-iteration."""
+    episodes_per_task: int = 20
+    """Episodes per task in the train batch and again in the validation batch."""
+    horizon: int = 0
+    """Steps per episode; 0 takes the family's (100 for navigation-2d, 200 for the MuJoCo tasks)."""
+    inner_lr: float = 0.1
+    """The inner SGD learning rate alpha."""
+    inner_steps: int = 1
+    """Inner SGD steps on the train batch."""
+    first_order: bool = False
+    """Treat the inner gradients as constants (first-order MAML)."""
+    max_kl: float = 0.01
+    """The TRPO trust-region radius delta on the mean KL."""
+    cg_iters: int = 10
+    """Conjugate-gradient iterations for the natural-gradient direction."""
+    cg_damping: float = 1e-5
+    """Damping added to the Fisher matrix in the conjugate-gradient solve."""
+    ls_backtracks: int = 15
+    """Line-search steps tried."""
+    ls_ratio: float = 0.8
+    """Line-search step shrink factor."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 1.0
+    """GAE lambda (1: discounted returns minus the baseline)."""
+    hidden: tuple[int, ...] = (64, 64)
+    """Hidden sizes of the tanh MLP that gives the Gaussian policy's mean."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of the policy (state-independent)."""
+    num_envs: int = 0
+    """MuJoCo families: sub-environments per task's vector env; 0 means episodes_per_task."""
+    asynchronous: bool = False
+    """MuJoCo families: step the sub-environments in worker processes."""
+
+    def validate(self) -> None:
+        super().validate()
+        positive = ("meta_batch_size", "episodes_per_task", "inner_steps", "cg_iters", "ls_backtracks")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
+        for name in ("horizon", "num_envs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
+        for name in ("inner_lr", "max_kl"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be > 0; got {getattr(self, name)}")
+        if self.cg_damping < 0:
+            raise ValueError(f"`cg_damping` must be >= 0; got {self.cg_damping}")
+        if not 0 < self.ls_ratio < 1:
+            raise ValueError(f"`ls_ratio` must lie in (0, 1); got {self.ls_ratio}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` must lie in [0, 1]; got {getattr(self, name)}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError(f"`hidden` must be one or more sizes >= 1; got {self.hidden}")
+
+    @property
+    def episode_horizon(self) -> int:
+        """``horizon``, or the family's default when it is 0."""
+        return self.horizon or DEFAULT_HORIZONS[self.env]
+
+
+def trpo_metrics(info: TRPOInfo) -> dict[str, float]:
+    """The TRPO record as floats for the metrics row."""
+    return {"trpo_kl": info.kl, "trpo_improvement": info.loss_before - info.loss_after,
+            "trpo_expected_improvement": info.expected_improvement, "trpo_backtracks": float(info.backtracks),
+            "trpo_accepted": float(info.accepted), "trpo_step_fraction": info.step_fraction,
+            "surrogate_loss": info.loss_before, "cg_residual": float(info.cg.residual_norm)}
+
+
+@register("maml-trpo")
+class MAMLTRPO(Learner):
+    """MAML-TRPO (Finn et al. 2017) on 2-D navigation, HalfCheetah velocity/direction and Ant direction."""
+
+    Config = MAMLTRPOConfig
+    envs = (NAVIGATION, "halfcheetah-vel", "halfcheetah-dir", "ant-dir")
+
+    def __init__(self, config: MAMLTRPOConfig, device: torch.device) -> None:
+        super().__init__(config, device)
+        self.config: MAMLTRPOConfig = config
+        self.family = make_family(config.env)
+        obs_dim, act_dim = self._space_sizes()
+        self.policy = GaussianMLPPolicy(obs_dim, act_dim, hidden=tuple(config.hidden),
+                                        init_log_std=config.init_log_std).to(device)
+        self.meta_params = tree.detach(tree.params_of(self.policy))
+
+    def _space_sizes(self) -> tuple[int, int]:
+        if self.config.env == NAVIGATION:
+            return 2, 2
+        env = self.family.make_env(self.family.sample_tasks(1, np.random.default_rng(0))[0])
+        sizes = math.prod(env.observation_space.shape), math.prod(env.action_space.shape)
+        env.close()
+        return sizes
+
+    def inner_loop(self, steps: int | None = None, first_order: bool | None = None) -> InnerLoop:
+        """The config's `InnerLoop`, with ``steps`` and ``first_order`` overridable."""
+        return InnerLoop(self.policy, self.config.inner_lr, self.config.inner_steps if steps is None else steps,
+                         self.config.first_order if first_order is None else first_order)
+
+    def sample(self, tasks: list[Any], params: Tree, generator: torch.Generator | None, *, per_task: bool,
+               env_seed: int, episodes: int | None = None) -> TaskEpisodes:
+        """Episodes of ``params`` (one tree, or one per task when ``per_task``) on ``tasks``."""
+        episodes = episodes or self.config.episodes_per_task
+        horizon = self.config.episode_horizon
+        if self.config.env == NAVIGATION:
+            goals = goals_tensor(tasks, device=self.device)
+            return sample_navigation(self.policy, params, goals, episodes, horizon, generator, per_task=per_task)
+        return sample_gym_tasks(self.family, tasks, self.policy, params, episodes, horizon, generator,
+                                per_task=per_task, env_seed=env_seed, num_envs=self.config.num_envs or episodes,
+                                asynchronous=self.config.asynchronous, device=self.device)
+
+    def _seed(self, purpose: str) -> int:
+        return derive_seed(self.config.seed, self.iteration, SEED_PURPOSES[purpose])
+
+    def step(self) -> dict[str, float]:
+        config = self.config
+        tasks = self.family.sample_tasks(config.meta_batch_size, np.random.default_rng(self._seed("tasks")))
+        generator = torch.Generator(self.device).manual_seed(self._seed("actions"))
+        inner = self.inner_loop()
+
+        train_episodes = self.sample(tasks, self.meta_params, generator, per_task=False,
+                                     env_seed=self._seed("train_envs"))
+        train = task_data(train_episodes, config.gamma, config.gae_lambda)
+        adapted_params = tree.detach(adapt_tasks(self.meta_params, train, inner))
+        valid_episodes = self.sample(tasks, adapted_params, generator, per_task=True,
+                                     env_seed=self._seed("valid_envs"))
+        valid = task_data(valid_episodes, config.gamma, config.gae_lambda)
+        behaviour = behaviour_of(self.policy, adapted_params, valid)
+
+        meta_loss, meta_kl = meta_objectives(train, valid, behaviour, inner)
+        self.meta_params, info = trpo_step(meta_loss, meta_kl, self.meta_params, max_kl=config.max_kl,
+                                           cg_iters=config.cg_iters, damping=config.cg_damping,
+                                           backtrack_ratio=config.ls_ratio, max_backtracks=config.ls_backtracks)
+        self.env_steps += int(train_episodes.valid.sum()) + int(valid_episodes.valid.sum())
+        return_before = float(train_episodes.episode_returns().mean())
+        return_after = float(valid_episodes.episode_returns().mean())
+        return {"return": return_after, "return_before": return_before, "return_after": return_after,
+                **trpo_metrics(info)}
+
+    def held_out_tasks(self, count: int) -> list[Any]:
+        """``count`` tasks from a generator no training iteration uses; both directions for the
+        direction families (two tasks, so train and test coincide)."""
+        if hasattr(self.family, "test_tasks"):
+            return self.family.test_tasks()
+        return self.family.sample_tasks(count, np.random.default_rng(derive_seed(HELD_OUT_TASKS_KEY)))
+
+    def evaluate(self, tasks: int = 40, adaptation_steps: int | None = None, episodes: int | None = None,
+                 seed: int = 0) -> dict[str, float]:
+        """Mean undiscounted return on held-out tasks before and after adaptation.
+
+        Per task: ``episodes`` stochastic episodes of the meta-policy (the adaptation data),
+        ``adaptation_steps`` inner SGD steps on them (default: the config's ``inner_steps``), then
+        stochastic and deterministic (mean-action) episodes of the meta-policy and the adapted
+        policy, reported separately."""
+        adaptation_steps = self.config.inner_steps if adaptation_steps is None else adaptation_steps
+        episodes = self.config.episodes_per_task if episodes is None else episodes
+        for name, value, least in (("tasks", tasks, 1), ("adaptation_steps", adaptation_steps, 0),
+                                   ("episodes", episodes, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"`{name}` must be an int >= {least}; got {value!r}")
+        held_out = self.held_out_tasks(tasks)
+        generator = torch.Generator(self.device).manual_seed(derive_seed(self.config.seed, seed, HELD_OUT_TASKS_KEY))
+        env_seed = derive_seed(seed, HELD_OUT_TASKS_KEY)
+        before = self.sample(held_out, self.meta_params, generator, per_task=False, env_seed=env_seed,
+                             episodes=episodes)
+        train = task_data(before, self.config.gamma, self.config.gae_lambda)
+        adapted_params = tree.detach(adapt_tasks(self.meta_params, train, self.inner_loop(steps=adaptation_steps)))
+        after = self.sample(held_out, adapted_params, generator, per_task=True, env_seed=env_seed + 1,
+                            episodes=episodes)
+        before_mean_action = self.sample(held_out, self.meta_params, None, per_task=False, env_seed=env_seed + 2,
+                                         episodes=episodes)
+        after_mean_action = self.sample(held_out, adapted_params, None, per_task=True, env_seed=env_seed + 3,
+                                        episodes=episodes)
+        return {"return_before_stochastic": float(before.episode_returns().mean()),
+                "return_after_stochastic": float(after.episode_returns().mean()),
+                "return_before_deterministic": float(before_mean_action.episode_returns().mean()),
+                "return_after_deterministic": float(after_mean_action.episode_returns().mean()),
+                "tasks": float(len(held_out)), "adaptation_steps": float(adaptation_steps),
+                "horizon": float(self.config.episode_horizon)}
+
+    def learner_state(self) -> dict[str, Any]:
+        return {"meta_params": tree.map(torch.clone, self.meta_params)}
+
+    def load_learner_state(self, state: dict[str, Any]) -> None:
+        tree.check_same_structure(state["meta_params"], self.meta_params, ("saved meta_params", "meta_params"))
+        self.meta_params = tree.map(lambda saved: saved.to(self.device), state["meta_params"])

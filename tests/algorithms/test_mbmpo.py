@@ -1,0 +1,184 @@
+"""Minimum-attention MB-MPO: the penalised inner step, its batching, its effect, and runs from the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from bilevel import cli, tree
+from bilevel.algorithms.maml_trpo import TaskData
+from bilevel.algorithms.mbmpo import (
+    AttentionPenalty,
+    InnerLoop,
+    MBMPOConfig,
+    adapt,
+    adapt_models,
+    attention_terms,
+    imagine_models,
+    meta_update,
+    model_data,
+)
+from bilevel.envs.rewards import half_cheetah_reward
+from bilevel.nets import GaussianMLPPolicy, ProbabilisticEnsemble
+from bilevel.runs.loop import load_learner
+
+TINY = ["--horizon", "10", "--initial-random-steps", "30", "--episodes-per-model", "1", "--meta-steps", "1",
+        "--imagined-trajectories", "4", "--imagined-horizon", "6", "--ensemble-size", "3", "--num-elites", "2",
+        "--model-hidden", "16", "16", "--model-max-epochs", "2", "--hidden", "8", "8", "--inner-lr", "0.05",
+        "--attention-weight", "0.5", "--first-order", "true", "--cg-iters", "3", "--device", "cpu", "--no-progress"]
+"""A run in seconds: the second-order path is tested on its own below."""
+
+
+def random_data(generator, models=None, steps=5, batch=3, obs_dim=3, act_dim=2, dtype=torch.float64):
+    lead = (steps, batch) if models is None else (models, steps, batch)
+    valid = torch.ones(lead, dtype=torch.bool)
+    valid[..., -1, 0] = False
+    return TaskData(torch.randn(*lead, obs_dim, generator=generator, dtype=dtype),
+                    torch.randn(*lead, act_dim, generator=generator, dtype=dtype),
+                    torch.randn(lead, generator=generator, dtype=dtype), valid)
+
+
+def small_policy(obs_dim=3, act_dim=2, hidden=(4,), seed=0):
+    torch.manual_seed(seed)
+    policy = GaussianMLPPolicy(obs_dim, act_dim, hidden=hidden, init_log_std=-0.5).double()
+    return policy, tree.params_of(policy, detach=True)
+
+
+def test_penalty_gradient_through_unroll_matches_finite_differences():
+    generator = torch.Generator().manual_seed(0)
+    policy, meta_params = small_policy()
+    pre, post = random_data(generator), random_data(generator)
+    penalty = AttentionPenalty(0.7, spatial_weight=1.0, temporal_weight=0.3, dt=0.1)
+    inner = InnerLoop(policy, lr=0.05, steps=2, penalty=penalty)
+
+    def penalty_after_adaptation(params):
+        return attention_terms(policy, adapt(params, pre, inner), post.obs, post.valid, penalty).total
+
+    analytic = torch.func.grad(penalty_after_adaptation)(meta_params)
+    eps = 1e-6
+    for _ in range(3):
+        direction = tree.map(lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype), meta_params)
+        numeric = (penalty_after_adaptation(tree.axpy(eps, direction, meta_params))
+                   - penalty_after_adaptation(tree.axpy(-eps, direction, meta_params))) / (2 * eps)
+        directional = tree.dot(analytic, direction)
+        assert abs(float(directional)) > 1e-2
+        torch.testing.assert_close(directional, numeric.detach(), rtol=1e-7, atol=1e-9)
+
+
+def test_batched_inner_step_equals_a_loop_over_models():
+    generator = torch.Generator().manual_seed(1)
+    policy, meta_params = small_policy()
+    data = random_data(generator, models=4)
+    inner = InnerLoop(policy, lr=0.1, steps=2, penalty=AttentionPenalty(1.0, 1.0, 0.5, dt=0.05))
+    batched = adapt_models(meta_params, data, inner)
+    for model in range(4):
+        one = adapt(meta_params, TaskData(*(x[model] for x in data)), inner)
+        for name in one:
+            torch.testing.assert_close(batched[name][model], one[name], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(batched["mean_net.0.weight"][0], batched["mean_net.0.weight"][1])
+
+
+def adapted_jacobian_after_meta_updates(alpha, iterations=1):
+    """``mean ||d mu / d s||^2`` of the per-model adapted policies on a fixed batch imagined in a tiny
+    ensemble (HalfCheetah's sizes and reward), after ``iterations`` meta-updates with weight ``alpha``."""
+    torch.manual_seed(0)
+    ensemble = ProbabilisticEnsemble(17, 6, ensemble_size=2, num_elites=2, hidden=(16,), predict_reward=False)
+    policy = GaussianMLPPolicy(17, 6, hidden=(8, 8))
+    meta_params = tree.params_of(policy, detach=True)
+    obs_mean, obs_std = torch.zeros(17), torch.ones(17)
+    generator = torch.Generator().manual_seed(0)
+    start_states = torch.randn(6, 17, generator=generator).expand(2, -1, -1)
+    penalty = AttentionPenalty(alpha, spatial_weight=1.0, temporal_weight=0.01, dt=0.05)
+    inner = InnerLoop(policy, lr=0.05, steps=1, penalty=penalty)
+
+    def imagined(params, per_model):
+        batch = imagine_models(ensemble, policy, params, start_states, 6, half_cheetah_reward, None, obs_mean,
+                               obs_std, generator, per_model=per_model)
+        return model_data(batch, obs_mean, obs_std, 0.99, 1.0)
+
+    pre = imagined(meta_params, per_model=False)
+    post = imagined(tree.detach(adapt_models(meta_params, pre, inner)), per_model=True)
+    for _ in range(iterations):
+        adapted_params = tree.detach(adapt_models(meta_params, pre, inner))
+        meta_params, info = meta_update(meta_params, pre, post, adapted_params, inner, max_kl=0.05, cg_iters=3)
+        assert info.accepted
+    adapted_params = adapt_models(meta_params, pre, inner)
+    unweighted = penalty._replace(weight=1.0, temporal_weight=0.0)
+    spatial = [attention_terms(policy, tree.map(lambda x, m=m: x[m], adapted_params), post.obs[m], post.valid[m],
+                               unweighted).spatial for m in range(2)]
+    return float(torch.stack(spatial).mean())
+
+
+def test_attention_weight_lowers_the_adapted_policys_jacobian():
+    plain, penalised = adapted_jacobian_after_meta_updates(0.0), adapted_jacobian_after_meta_updates(1.0)
+    assert penalised < 0.8 * plain
+
+
+def train_argv(run_dir, iterations):
+    return ["train", "mbmpo", "--env", "halfcheetah", "--seed", "3", "--iterations", str(iterations), *TINY,
+            "--run-dir", str(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 3-iteration run straight through, and one trained for 2 iterations then resumed to 3."""
+    root = tmp_path_factory.mktemp("mbmpo")
+    assert cli.main(train_argv(root / "straight", 3)) == 0
+    assert cli.main(train_argv(root / "resumed", 2)) == 0
+    assert cli.main(["train", "mbmpo", "--resume", str(root / "resumed"), "--iterations", "3", "--no-progress"]) == 0
+    return root / "straight", root / "resumed"
+
+
+def test_cli_smoke_run_resume_and_out_of_distribution_eval(runs):
+    straight_dir, resumed_dir = runs
+    _, straight = load_learner(straight_dir)
+    _, resumed = load_learner(resumed_dir)
+    assert straight.iteration == resumed.iteration == 3
+    assert straight.env_steps == resumed.env_steps == 30 + 2 * 10 * 3
+    for name, value in straight.meta_params.items():
+        assert torch.equal(value, resumed.meta_params[name]), name
+    for name, value in straight.ensemble.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, resumed.ensemble.state_dict()[name]), name
+    straight_rows = [row.split(",") for row in (straight_dir / "metrics.csv").read_text().splitlines()]
+    resumed_rows = [row.split(",") for row in (resumed_dir / "metrics.csv").read_text().splitlines()]
+    header = straight_rows[0]
+    for key in ("return", "jacobian_sq", "jerk_sq", "energy", "env_steps", "trpo_kl"):
+        assert key in header
+    timing = {header.index("seconds"), header.index("env_steps_per_second")}
+    for straight_row, resumed_row in zip(straight_rows, resumed_rows, strict=True):
+        assert [v for i, v in enumerate(straight_row) if i not in timing] == [
+            v for i, v in enumerate(resumed_row) if i not in timing]
+
+    assert cli.main(["eval", str(resumed_dir), "--perturb", "crippled-joint", "--episodes", "2",
+                     "--adaptation-episodes", "2", "--adaptation-steps", "1"]) == 0
+    result = json.loads((resumed_dir / "eval.json").read_text())
+    assert result["options"]["perturb"] == "crippled-joint"
+    assert result["samples_0"] == 0 and result["samples_1"] == 2 * 10
+    assert result["energy_0"] > 0 and result["horizon"] == 10
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--env", "ant"], "ant"),
+        (["--attention-weight", "-1"], "attention_weight"),
+        (["--num-elites", "9"], "num_elites"),
+        (["--meta-steps", "0"], "meta_steps"),
+        (["--initial-random-steps", "5"], "initial_random_steps"),
+    ],
+)
+def test_bad_input_exits_2_naming_it(tmp_path, capsys, argv, message):
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "mbmpo", "--iterations", "1", *argv, "--run-dir", str(run_dir)]) == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_bad_eval_options_raise_value_error_naming_them(runs, capsys):
+    assert cli.main(["eval", str(runs[0]), "--perturb", "moon"]) == 2
+    assert "perturb" in capsys.readouterr().err
+    assert cli.main(["eval", str(runs[0]), "--episodes", "0"]) == 2
+    assert "episodes" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="temporal_weight"):
+        MBMPOConfig(temporal_weight=-0.1).validate()
