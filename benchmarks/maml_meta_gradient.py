@@ -10,7 +10,7 @@ they agree and prints median wall times and ratios.
 - higher: ``higher.innerloop_ctx``, looping over tasks (if installed).
 - floor: the same 5 inner steps under ``vmap`` with no meta-gradient.
 
-Run: ``.venv/bin/python benchmarks/maml_meta_gradient.py [--repeats 20] [--device cpu]``
+Run: ``.venv/bin/python benchmarks/maml_meta_gradient.py [--repeats 20] [--device cpu] [--threads 1]``
 """
 
 from __future__ import annotations
@@ -107,7 +107,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     net = make_net().to(device)
@@ -137,9 +140,10 @@ def main() -> None:
         if name.startswith("floor"):
             diff = "n/a"
         else:
-            diff = f"{max(float((grads[k] - reference[k]).abs().max()) for k in reference):.1e}"
+            diff = f"{max(float((grads[k] - reference[k]).detach().abs().max()) for k in reference):.1e}"
         print(f"| {name} | {1e3 * seconds:.1f} | {seconds / ours:.2f} | {diff} |")
-    print(f"command: .venv/bin/python benchmarks/maml_meta_gradient.py --repeats {args.repeats} --device {args.device}")
+    print(f"command: .venv/bin/python benchmarks/maml_meta_gradient.py --repeats {args.repeats} "
+          f"--device {args.device} --threads {args.threads}")
 
 
 if __name__ == "__main__":
