@@ -1,0 +1,87 @@
+"""DDPG (Lillicrap et al. 2016, Alg. 1) on the shared off-policy loop.
+
+    y = r + gamma (1 - terminated) Q'(s', mu'(s'))               critic target (Alg. 1)
+    L_critic(theta) = mean (Q_theta(s, a) - y)^2
+    L_actor(phi)    = -mean Q_theta(s, mu_phi(s))                  (MATT paper, eq. 4)
+    a = clip(mu_phi(s) + N(0, sigma^2), -1, 1)                     exploration
+
+with Gaussian exploration noise instead of Ornstein-Uhlenbeck, as in Fujimoto et al.'s DDPG and
+CleanRL, and target networks moved by Polyak averaging after every actor step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bilevel.algorithms.off_policy import FeatureScaleFn, OffPolicyConfig, OffPolicyLearner, apply, clone_target
+from bilevel.nets import DeterministicActor, QCritic
+from bilevel.rl import Transitions
+from bilevel.runs import register
+from bilevel.tree import Tree
+
+__all__ = ["DDPG", "DDPGConfig"]
+
+
+@dataclasses.dataclass
+class DDPGConfig(OffPolicyConfig):
+    """DDPG: a deterministic actor and one critic."""
+
+    exploration_noise: float = 0.1
+    """Std of the Gaussian noise added to the actor's action in [-1, 1] units."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.exploration_noise < 0:
+            raise ValueError(f"`exploration_noise` must be >= 0; got {self.exploration_noise}")
+
+
+@register("ddpg")
+class DDPG(OffPolicyLearner):
+    """DDPG (Lillicrap et al. 2016) with Gaussian exploration on any Gymnasium Box env."""
+
+    Config = DDPGConfig
+    config: DDPGConfig
+
+    def make_critic(self) -> torch.nn.Module:
+        return QCritic(self.obs_dim, self.act_dim, self.config.hidden)
+
+    def build(self) -> None:
+        self.actor = DeterministicActor(self.obs_dim, self.act_dim, self.config.hidden).to(self.device)
+        self.critic = self.make_critic().to(self.device)
+        self.actor_target = clone_target(self.actor)
+        self.critic_target = clone_target(self.critic)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=self.config.actor_lr, foreach=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.config.critic_lr, foreach=True)
+
+    def mean_action(self, output: Tensor) -> Tensor:
+        return output
+
+    def exploring_action(self, output: Tensor) -> Tensor:
+        noise = torch.randn(output.shape, generator=self.generator, device=output.device, dtype=output.dtype)
+        return (output + self.config.exploration_noise * noise).clamp(-1.0, 1.0)
+
+    def target_actions(self, next_obs: Tensor) -> Tensor:
+        """``mu'(s')``, ``[B, A]``."""
+        return apply(self.actor, self.actor_target, next_obs)
+
+    def target_q(self, next_obs: Tensor) -> Tensor:
+        """``Q'(s', mu'(s'))``, ``[B]``."""
+        return apply(self.critic, self.critic_target, next_obs, self.target_actions(next_obs))
+
+    def critic_loss(self, critic_params: Tree, batch: Transitions) -> Tensor:
+        with torch.no_grad():
+            not_terminal = 1.0 - batch.terminated.to(batch.rewards.dtype)
+            target = batch.rewards + self.config.gamma * not_terminal * self.target_q(batch.next_obs)
+        q_values = apply(self.critic, critic_params, batch.obs, batch.actions)
+        if isinstance(q_values, tuple):
+            return sum(F.mse_loss(q, target) for q in q_values)
+        return F.mse_loss(q_values, target)
+
+    def actor_loss(self, actor_params: Tree, obs: Tensor, noise: Tensor | None,
+                   scale_fn: FeatureScaleFn | None = None) -> Tensor:
+        actions = self.actor_output(actor_params, obs, scale_fn)
+        return -self.q1(self.critic_constants(), obs, actions).mean()

@@ -1,0 +1,405 @@
+"""The off-policy actor-critic loop that DDPG, TD3 and SAC (and their meta-learners) plug into.
+
+One iteration (`OffPolicyLearner.step`) is::
+
+    reset the training envs with seeds derived from (seed, iteration)
+    until steps_per_iteration transitions are stored:
+        a ~ uniform[-1, 1]^A before learning_starts, else the algorithm's exploring action
+        s', r, terminated, truncated = envs.step(rescale(a) to the env's Box bounds)
+        store (s, a, r, s', terminated, truncated), dropping next-step autoreset steps
+        one gradient update per stored transition once learning_starts transitions exist:
+            critic update; every policy_frequency updates the actor update and Polyak targets
+    evaluate the deterministic policy on separate envs
+
+The critic target bootstraps on truncation and stops only on termination (Fujimoto et al. 2018,
+eq. 10 with ``d = terminated``). The training envs are reset at every iteration boundary and the
+last transition of each unfinished episode is stored as truncated, so an iteration is a pure
+function of the learner state and the iteration's seed: a run resumed from a checkpoint equals
+an uninterrupted one exactly on CPU, with no environment state to save (Gymnasium envs, Box2D
+ones in particular, cannot be pickled). Choose ``steps_per_iteration`` as a multiple of the
+time limit (Pendulum 200, MuJoCo and LunarLander 1000, BipedalWalker 1600) so that no episode is
+cut early; with ``num_envs=1`` the iteration then ends exactly at an episode's end.
+
+Actions live in [-1, 1] inside the learner (actors end in tanh) and are rescaled to the env's
+bounds only when sent to the env. All randomness (random steps, exploration noise, target
+smoothing noise, replay sampling) comes from one ``torch.Generator`` that the checkpoint saves.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeAlias
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from bilevel import tree
+from bilevel.nets import rescale_action
+from bilevel.nets.common import subtree
+from bilevel.rl import ReplayBuffer, Transitions, make_vector_env
+from bilevel.runs import Learner, RunConfig, derive_seed
+from bilevel.tree import Tree
+
+__all__ = [
+    "FeatureScaleFn",
+    "OffPolicyConfig",
+    "OffPolicyLearner",
+    "apply",
+    "check_box_env_id",
+    "clone_target",
+    "evaluate_policy",
+    "polyak",
+]
+
+SEED_PURPOSES = {"train_envs": 0, "eval_envs": 1, "generator": 2}
+
+FeatureScaleFn: TypeAlias = Callable[[Tree, Tensor], Tensor]
+"""``scale_fn(actor_params, obs [B, D]) -> feature_scale [B, F]``: MATT's attention, applied to the
+actor's last hidden features (`bilevel.nets.DeterministicActor`)."""
+
+
+def check_box_env_id(env_id: str) -> None:
+    """Raise ``ValueError`` naming ``env_id`` unless Gymnasium knows it."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as error:
+        raise ValueError(f"unknown Gymnasium env {env_id!r}: {error}") from None
+
+
+def make_box_env(env_id: str) -> gym.Env:
+    """``gym.make(env_id)``; a missing dependency or a non-Box action space is a ``ValueError``."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as error:
+        raise ValueError(f"cannot make env {env_id!r}: {error}") from None
+    if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
+        env.close()
+        raise ValueError(f"env {env_id!r} must have Box observation and action spaces; got "
+                         f"{env.observation_space} and {env.action_space}")
+    return env
+
+
+def apply(module: nn.Module, params: Tree, *inputs: Any) -> Any:
+    """``module(*inputs)`` evaluated with the parameter tree ``params`` (``torch.func.functional_call``
+    without the tied-weight search, which costs more than these small networks' forward pass)."""
+    return functional_call(module, params, inputs, tie_weights=False)
+
+
+def polyak(target: Tree, online: Tree, tau: float) -> Tree:
+    """The Polyak-averaged target ``(1 - tau) target + tau online``, leafwise, without gradients
+    (Lillicrap et al. 2016, Alg. 1)."""
+    with torch.no_grad():
+        return tree.map(lambda t, o: torch.lerp(t, o.detach(), tau), target, online)
+
+
+def clone_target(module: nn.Module) -> dict[str, Tensor]:
+    """A detached copy of ``module``'s parameters: the initial target network."""
+    return {name: value.detach().clone() for name, value in module.named_parameters()}
+
+
+def evaluate_policy(
+    env_id: str, act: Callable[[Tensor], Tensor], episodes: int, seed: int, device: torch.device
+) -> tuple[np.ndarray, Tensor]:
+    """Run ``episodes`` episodes in parallel, one per sub-env (sub-env ``i`` reset with ``seed + i``),
+    with ``act(obs [E, D]) -> actions [E, A]`` in [-1, 1].
+
+    Returns the undiscounted episode returns ``[episodes]`` and every observation the policy saw
+    before its episode ended, ``[N, D]`` (for analyses of the policy on its own states)."""
+    envs = make_vector_env(functools.partial(make_box_env, env_id), episodes)
+    low, high = (torch.as_tensor(b, dtype=torch.get_default_dtype(), device=device)
+                 for b in (envs.single_action_space.low, envs.single_action_space.high))
+    try:
+        obs_np, _ = envs.reset(seed=seed)
+        returns = np.zeros(episodes)
+        running = np.ones(episodes, dtype=bool)
+        seen = []
+        while running.any():
+            obs = torch.as_tensor(obs_np, dtype=torch.get_default_dtype(), device=device)
+            seen.append(obs[torch.as_tensor(running, device=device)])
+            with torch.no_grad():
+                actions = rescale_action(act(obs), low, high)
+            obs_np, rewards, terminated, truncated, _ = envs.step(actions.cpu().numpy())
+            returns += rewards * running
+            running &= ~(terminated | truncated)
+    finally:
+        envs.close()
+    return returns, torch.cat(seen)
+
+
+@dataclasses.dataclass
+class OffPolicyConfig(RunConfig):
+    """The shared off-policy loop; defaults follow CleanRL's TD3 with the MATT authors' networks."""
+
+    env: str = "Pendulum-v1"
+    """Any Gymnasium env id with Box observation and action spaces."""
+    iterations: int = 100
+    """The training budget in iterations of ``steps_per_iteration`` env steps."""
+    steps_per_iteration: int = 1000
+    """Stored transitions per iteration; the training envs reset at iteration boundaries, so make it a
+    multiple of the env's time limit."""
+    num_envs: int = 1
+    """Training envs stepped together (`gymnasium.vector.SyncVectorEnv`)."""
+    buffer_size: int = 1_000_000
+    """Replay buffer capacity in transitions."""
+    learning_starts: int = 10_000
+    """Transitions collected with uniform random actions before the first update."""
+    batch_size: int = 256
+    """Transitions per gradient update."""
+    gamma: float = 0.99
+    """Discount factor."""
+    tau: float = 0.005
+    """Polyak averaging rate of the target networks."""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the actor."""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the critic(s)."""
+    hidden: tuple[int, ...] = (256, 128)
+    """Hidden sizes of actor and critic features (MATT authors: 256 -> 128)."""
+    policy_frequency: int = 1
+    """Critic updates per actor (and target) update."""
+    eval_episodes: int = 10
+    """Deterministic evaluation episodes at the end of every iteration (0: none)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_box_env_id(self.env)
+        for name in ("steps_per_iteration", "num_envs", "buffer_size", "batch_size", "policy_frequency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
+        if self.learning_starts < 0 or self.eval_episodes < 0:
+            raise ValueError(f"`learning_starts` and `eval_episodes` must be >= 0; got "
+                             f"{self.learning_starts} and {self.eval_episodes}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"`gamma` must be in [0, 1]; got {self.gamma}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"`tau` must be in (0, 1]; got {self.tau}")
+        if self.actor_lr <= 0 or self.critic_lr <= 0:
+            raise ValueError(f"`actor_lr` and `critic_lr` must be > 0; got {self.actor_lr} and {self.critic_lr}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError(f"`hidden` must be positive sizes; got {self.hidden}")
+
+
+class OffPolicyLearner(Learner):
+    """The loop of the module docstring. A subclass builds ``self.actor`` and ``self.critic`` (modules
+    whose parameters are the live trees), their optimisers and targets in `build`, and defines the
+    actor's output, its exploring action, the critic target and the actor loss.
+
+    ``self.actor(obs, feature_scale)`` must have ``features`` and ``head`` (`bilevel.nets`), and
+    ``self.critic`` be a `QCritic` or `TwinQCritic`; Q1 is the first (or only) critic."""
+
+    Config: ClassVar[type[RunConfig]] = OffPolicyConfig
+    envs: ClassVar[tuple[str, ...]] = ()
+    config: OffPolicyConfig
+
+    def __init__(self, config: OffPolicyConfig, device: torch.device) -> None:
+        super().__init__(config, device)
+        probe = make_box_env(config.env)
+        self.obs_dim = int(np.prod(probe.observation_space.shape))
+        self.act_dim = int(np.prod(probe.action_space.shape))
+        probe.close()
+        self.train_envs = make_vector_env(functools.partial(make_box_env, config.env), config.num_envs)
+        space = self.train_envs.single_action_space
+        dtype = torch.get_default_dtype()
+        self.action_low = torch.as_tensor(space.low, dtype=dtype, device=device)
+        self.action_high = torch.as_tensor(space.high, dtype=dtype, device=device)
+        self.buffer = ReplayBuffer(config.buffer_size, (self.obs_dim,), (self.act_dim,), device=device)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(derive_seed(config.seed, SEED_PURPOSES["generator"]))
+        self.updates = 0
+        self.build()
+        self.twin_critic = hasattr(self.critic, "q1")
+        self.q1_module = self.critic.q1 if self.twin_critic else self.critic
+
+    # --- what an algorithm defines -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def build(self) -> None:
+        """Create ``actor``, ``critic``, their targets and optimisers (and any other state)."""
+
+    @abc.abstractmethod
+    def mean_action(self, output: Any) -> Tensor:
+        """The deterministic action ``[B, A]`` in [-1, 1] of an actor output."""
+
+    @abc.abstractmethod
+    def exploring_action(self, output: Any) -> Tensor:
+        """The action ``[B, A]`` in [-1, 1] executed during training, randomness from ``self.generator``."""
+
+    @abc.abstractmethod
+    def critic_loss(self, critic_params: Tree, batch: Transitions) -> Tensor:
+        """The critic's regression loss on ``batch`` (Fujimoto et al. 2018, eq. 3 of the MATT paper)."""
+
+    @abc.abstractmethod
+    def actor_loss(self, actor_params: Tree, obs: Tensor, noise: Tensor | None,
+                   scale_fn: FeatureScaleFn | None = None) -> Tensor:
+        """``L_actor(phi)`` on ``obs [B, D]`` (MATT paper, eq. 4), with the critic held constant; with
+        ``scale_fn`` the actor's features are scaled by it (the attention action, eq. 9). ``noise``
+        ``[B, A]`` fixes a stochastic actor's reparameterisation noise (None for deterministic actors)."""
+
+    def actor_noise(self, batch_size: int) -> Tensor | None:
+        """The reparameterisation noise ``[batch_size, A]`` of one actor-loss evaluation (None: deterministic)."""
+        return None
+
+    def after_actor_step(self, obs: Tensor) -> dict[str, Tensor]:
+        """Called after every actor step with its batch's observations (SAC tunes its temperature)."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Algorithm state beyond actor, critic, their targets and optimisers."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore `extra_state`."""
+
+    # --- shared pieces -------------------------------------------------------------------------
+
+    def actor_params(self) -> dict[str, Tensor]:
+        """The live actor parameters (the optimiser's leaves) as a tree."""
+        return tree.params_of(self.actor)
+
+    def critic_constants(self) -> dict[str, Tensor]:
+        """The critic parameters detached: the actor losses treat the critic as fixed."""
+        return tree.detach(tree.params_of(self.critic))
+
+    def actor_output(self, actor_params: Tree, obs: Tensor, scale_fn: FeatureScaleFn | None = None) -> Any:
+        """``pi_phi(obs)`` for ``obs [B, D]``, or with ``scale_fn`` the attention actor
+        ``head(features(obs) * scale_fn(phi, obs))`` (eq. 5)."""
+        scale = None if scale_fn is None else scale_fn(actor_params, obs)
+        return apply(self.actor, actor_params, obs, scale)
+
+    def actor_features(self, actor_params: Tree, obs: Tensor) -> Tensor:
+        """The actor's last hidden features ``pi_bar(s)``, ``[B, F]``."""
+        return apply(self.actor.features, subtree(actor_params, "features"), obs)
+
+    def q1(self, critic_params: Tree, obs: Tensor, actions: Tensor) -> Tensor:
+        """``Q1(s, a)``, ``[B]``."""
+        q1_params = subtree(critic_params, "q1") if self.twin_critic else critic_params
+        return apply(self.q1_module, q1_params, obs, actions)
+
+    def q1_features(self, critic_params: Tree, obs: Tensor, actions: Tensor) -> Tensor:
+        """The critic's last hidden features ``Q_bar(s, a)``, ``[B, F]``."""
+        prefix = "q1.features" if self.twin_critic else "features"
+        return apply(self.q1_module.features, subtree(critic_params, prefix), obs, actions)
+
+    def decide(self, obs: Tensor, explore: bool) -> Tensor:
+        """The action ``[B, A]`` in [-1, 1] taken in ``obs [B, D]`` (MATT's dance twice overrides it)."""
+        output = self.actor_output(self.actor_params(), obs)
+        return self.exploring_action(output) if explore else self.mean_action(output)
+
+    def critic_update(self, batch: Transitions) -> dict[str, Tensor]:
+        loss = self.critic_loss(tree.params_of(self.critic), batch)
+        self.critic_optimizer.zero_grad()
+        loss.backward()
+        self.critic_optimizer.step()
+        return {"critic_loss": loss.detach()}
+
+    def actor_update(self, obs: Tensor) -> dict[str, Tensor]:
+        loss = self.actor_loss(self.actor_params(), obs, self.actor_noise(obs.shape[0]))
+        self.actor_optimizer.zero_grad()
+        loss.backward()
+        self.actor_optimizer.step()
+        return {"actor_loss": loss.detach(), **self.after_actor_step(obs)}
+
+    def update_targets(self) -> None:
+        self.actor_target = polyak(self.actor_target, self.actor_params(), self.config.tau)
+        self.critic_target = polyak(self.critic_target, tree.params_of(self.critic), self.config.tau)
+
+    def gradient_update(self) -> dict[str, Tensor]:
+        """One critic update, and every ``policy_frequency`` updates an actor and target update."""
+        metrics = self.critic_update(self.buffer.sample(self.config.batch_size, self.generator))
+        self.updates += 1
+        if self.updates % self.config.policy_frequency == 0:
+            obs = self.buffer.sample(self.config.batch_size, self.generator).obs
+            metrics |= self.actor_update(obs)
+            self.update_targets()
+        return metrics
+
+    # --- the Learner interface -----------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        config = self.config
+        obs_np, _ = self.train_envs.reset(seed=derive_seed(config.seed, self.iteration, SEED_PURPOSES["train_envs"]))
+        is_reset_step = np.zeros(config.num_envs, dtype=bool)
+        episode_return = np.zeros(config.num_envs)
+        finished_returns: list[float] = []
+        metric_sums: dict[str, Tensor] = {}
+        metric_counts: dict[str, int] = {}
+        stored = 0
+        while stored < config.steps_per_iteration:
+            obs = torch.as_tensor(obs_np, dtype=torch.get_default_dtype(), device=self.device)
+            with torch.no_grad():
+                if self.env_steps < config.learning_starts:
+                    actions = torch.rand(obs.shape[0], self.act_dim, generator=self.generator, device=self.device,
+                                         dtype=obs.dtype) * 2 - 1
+                else:
+                    actions = self.decide(obs, explore=True)
+            env_actions = rescale_action(actions, self.action_low, self.action_high).cpu().numpy()
+            next_obs_np, rewards, terminated, truncated, _ = self.train_envs.step(env_actions)
+            real = ~is_reset_step
+            new_transitions = int(real.sum())
+            stored += new_transitions
+            episode_return = np.where(is_reset_step, 0.0, episode_return + rewards)
+            finished_returns += episode_return[(terminated | truncated) & real].tolist()
+            if stored >= config.steps_per_iteration:
+                truncated = truncated | real
+            self.buffer.add_vector_step(obs_np, actions, rewards, next_obs_np, terminated, truncated, is_reset_step)
+            is_reset_step = terminated | truncated
+            obs_np = next_obs_np
+            for _ in range(new_transitions):
+                self.env_steps += 1
+                if self.env_steps >= config.learning_starts and len(self.buffer) >= config.batch_size:
+                    for name, value in self.gradient_update().items():
+                        metric_sums[name] = metric_sums.get(name, 0.0) + value
+                        metric_counts[name] = metric_counts.get(name, 0) + 1
+        row = {name: float(total) / metric_counts[name] for name, total in metric_sums.items()}
+        if finished_returns:
+            row["train_return"] = float(np.mean(finished_returns))
+        if config.eval_episodes:
+            row |= self.evaluate(episodes=config.eval_episodes)
+        return row
+
+    def evaluate(self, episodes: int = 10, seed: int | None = None) -> dict[str, float]:
+        """Mean and std of the undiscounted return of ``episodes`` deterministic episodes (sub-env ``i``
+        seeded ``seed + i``; by default a seed derived from the run's seed and iteration), plus
+        `analyse` of the states visited."""
+        if not isinstance(episodes, int) or episodes < 1:
+            raise ValueError(f"`episodes` must be a positive integer; got {episodes!r}")
+        if seed is None:
+            seed = derive_seed(self.config.seed, self.iteration, SEED_PURPOSES["eval_envs"]) % 2**31
+        returns, visited = evaluate_policy(self.config.env, functools.partial(self.decide, explore=False),
+                                           episodes, seed, self.device)
+        return {"return": float(returns.mean()), "return_std": float(returns.std()), **self.analyse(visited)}
+
+    def analyse(self, visited_obs: Tensor) -> dict[str, float]:
+        """Statistics of the policy on the states ``[N, D]`` visited during evaluation (MATT: Q gap)."""
+        return {}
+
+    def learner_state(self) -> dict[str, Any]:
+        return {
+            "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+            "actor_target": self.actor_target, "critic_target": self.critic_target,
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "buffer": self.buffer.state_dict(), "generator": self.generator.get_state(),
+            "updates": self.updates, "extra": self.extra_state(),
+        }
+
+    def load_learner_state(self, state: dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.actor_target = tree.to(state["actor_target"], self.device)
+        self.critic_target = tree.to(state["critic_target"], self.device)
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.generator.set_state(state["generator"].cpu())
+        self.updates = state["updates"]
+        self.load_extra_state(state["extra"])
+
+    def close(self) -> None:
+        self.train_envs.close()

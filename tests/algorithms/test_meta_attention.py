@@ -1,0 +1,157 @@
+"""MATT and Meta-Critic: the meta-gradient through the look-ahead, the scale's range, dance twice,
+every variant from the CLI, and TD3-MATT-DT learning Pendulum."""
+
+import functools
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from bilevel import cli, tree
+from bilevel.algorithms.meta_attention import VARIANTS, choose_by_q, lookahead_split
+from bilevel.runs import RunFolder
+from bilevel.runs.loop import _build, make_config
+
+TINY = {"env": "Pendulum-v1", "hidden": (6, 4), "batch_size": 8, "buffer_size": 500,
+        "steps_per_iteration": 100, "learning_starts": 50, "eval_episodes": 1, "device": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def build(algorithm, **overrides):
+    sizes = {"attention_hidden": (5,)} if "matt" in algorithm else {"meta_hidden": (5,)}
+    return _build(algorithm, make_config(algorithm, {**TINY, **sizes, **overrides}))
+
+
+def sharpen_attention(learner, factor=20.0):
+    """Make the untrained attention net's scale vary visibly across states."""
+    with torch.no_grad():
+        for param in learner.meta_net.parameters():
+            param.mul_(factor)
+
+
+@pytest.mark.parametrize("algorithm", ["td3-matt", "sac-matt", "td3-mc"])
+@pytest.mark.parametrize("layers", ["first", "all"])
+def test_meta_gradient_through_the_lookahead_matches_finite_differences(float64, algorithm, layers):
+    learner = build(algorithm, actor_lr=0.3, lookahead_layers=layers)
+    generator = torch.Generator().manual_seed(1)
+    train_obs, val_obs = torch.randn(8, 3, generator=generator), torch.randn(8, 3, generator=generator)
+    train_noise, val_noise = learner.actor_noise(8), learner.actor_noise(8)
+    moved, fixed = lookahead_split(tree.detach(learner.actor_params()), layers)
+    meta_params = {k: v.detach().clone().requires_grad_() for k, v in tree.params_of(learner.meta_net).items()}
+
+    def meta_loss(params):
+        return learner.meta_loss(params, moved, fixed, train_obs, val_obs, train_noise, val_noise)
+
+    gradient = torch.autograd.grad(meta_loss(meta_params), list(meta_params.values()))
+    assert sum(float(g.abs().sum()) for g in gradient) > 1e-6
+    eps = 1e-6
+    for _ in range(4):
+        direction = {k: torch.randn(v.shape, generator=generator) for k, v in meta_params.items()}
+        with torch.no_grad():
+            plus = meta_loss(tree.axpy(eps, direction, meta_params))
+            minus = meta_loss(tree.axpy(-eps, direction, meta_params))
+        finite_difference = (plus - minus) / (2 * eps)
+        analytic = sum((g * d).sum() for g, d in zip(gradient, direction.values(), strict=True))
+        assert torch.allclose(analytic, finite_difference, rtol=1e-5, atol=1e-9)
+
+
+def test_lookahead_split_moves_the_chosen_layers():
+    params = build("td3-matt").actor_params()
+    assert set(lookahead_split(params, "first")[0]) == {"features.0.weight", "features.0.bias"}
+    assert set(lookahead_split(params, "features")[0]) == {"features.0.weight", "features.0.bias",
+                                                          "features.2.weight", "features.2.bias"}
+    moved, fixed = lookahead_split(params, "all")
+    assert set(moved) == set(params) and not fixed
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrays("float64", (16, 3), elements=st.floats(-8, 8)))
+def test_attention_scale_is_in_open_interval_0_2(obs):
+    learner = scale_learner()
+    scale = learner.attention_scale(tree.params_of(learner.meta_net), learner.actor_params(),
+                                    torch.as_tensor(obs, dtype=torch.float32))
+    assert scale.shape == (16, 4)
+    assert bool((scale > 0).all()) and bool((scale < 2).all())
+
+
+@functools.cache
+def scale_learner():
+    learner = build("td3-matt")
+    sharpen_attention(learner, 3.0)
+    return learner
+
+
+@pytest.mark.parametrize("algorithm", ["td3-matt-dt", "ddpg-matt-dt", "sac-matt-dt"])
+def test_dance_twice_executes_the_action_with_the_higher_q1(algorithm):
+    learner = build(algorithm, exploration_noise=0.0) if "sac" not in algorithm else build(algorithm)
+    sharpen_attention(learner)
+    obs = torch.randn(256, 3, generator=torch.Generator().manual_seed(0)) * 2
+    with torch.no_grad():
+        decided = learner.decide(obs, explore=False)
+        vanilla, attended, _ = learner.vanilla_and_attention_actions(obs)
+        critic = learner.critic_constants()
+        q_vanilla, q_attention = learner.q1(critic, obs, vanilla), learner.q1(critic, obs, attended)
+    prefer = q_attention > q_vanilla
+    assert 0 < int(prefer.sum()) < len(obs)
+    assert torch.allclose(decided, torch.where(prefer[:, None], attended, vanilla))
+    assert bool((learner.q1(critic, obs, decided) >= torch.minimum(q_vanilla, q_attention)).all())
+    assert torch.equal(choose_by_q(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 2.0])), torch.tensor([True, False]))
+    if "sac" not in algorithm:
+        with torch.no_grad():
+            assert torch.allclose(learner.decide(obs, explore=True), decided)
+
+
+def test_without_dance_twice_the_vanilla_action_is_executed():
+    learner = build("td3-matt")
+    sharpen_attention(learner)
+    obs = torch.randn(32, 3)
+    with torch.no_grad():
+        vanilla, attended, _ = learner.vanilla_and_attention_actions(obs)
+        assert torch.equal(learner.decide(obs, explore=False), vanilla)
+        assert not torch.allclose(vanilla, attended)
+
+
+@pytest.mark.parametrize("algorithm", sorted(VARIANTS))
+def test_every_variant_trains_from_the_cli_and_logs_its_meta_loss(tmp_path, algorithm):
+    run = tmp_path / "run"
+    argv = ["train", algorithm, "--env", "Pendulum-v1", "--iterations", "2", "--device", "cpu", "--hidden", "8", "8",
+            "--batch-size", "8", "--steps-per-iteration", "60", "--learning-starts", "30", "--eval-episodes", "1",
+            "--run-dir", str(run), "--no-progress"]
+    if "matt" in algorithm:
+        argv += ["--attention-hidden", "8"]
+    assert cli.main(argv) == 0
+    rows = RunFolder(run).read_metrics()
+    assert len(rows) == 2 and rows[-1]["env_steps"] == 120
+    assert rows[-1]["meta_loss"] != "" and abs(float(rows[-1]["meta_loss"])) <= 1
+    if "matt" in algorithm:
+        assert rows[-1]["q_attention_minus_vanilla"] != ""
+    assert cli.main(["eval", str(run), "--episodes", "1"]) == 0
+    assert "return" in json.loads((run / "eval.json").read_text())
+
+
+def test_meta_loss_can_also_train_the_moved_actor_layers():
+    learner = build("td3-matt", meta_loss_trains_actor=True, lookahead_layers="features", policy_frequency=1,
+                    steps_per_iteration=60, learning_starts=30, eval_episodes=0)
+    before = learner.actor.features[2].weight.detach().clone()
+    learner.step()
+    assert learner.updates == 31
+    assert torch.isfinite(learner.actor.features[2].weight).all()
+    assert not torch.equal(learner.actor.features[2].weight, before)
