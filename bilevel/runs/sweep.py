@@ -186,10 +186,15 @@ def run_sweep(
     pending = [(i, t) for i, t in enumerate(trials) if not trial_finished(sweep_path / t.name, t.values["iterations"])]
     resources = {"num_cpus": 1, "num_gpus": 0, "max_retries": 3, **spec.get("resources", {})}
     address = address or os.environ.get("RAY_ADDRESS")
-    init_options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    init_options: dict[str, Any] = {"log_to_driver": False}
     if address is None:
+        init_options.update(include_dashboard=False, _node_ip_address="127.0.0.1")
+    elif address.split(":")[0] in ("127.0.0.1", "localhost"):
         init_options["_node_ip_address"] = "127.0.0.1"
-    ray.init(address=address, **init_options)
+    try:
+        ray.init(address=address, **init_options)
+    except ConnectionError as error:
+        raise ValueError(f"could not reach a Ray cluster at {address!r}: {error}") from None
     try:
         remote = ray.remote(_run_trial).options(
             num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
