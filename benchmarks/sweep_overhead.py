@@ -1,7 +1,8 @@
 """Wall time of a sweep of 8 short runs: on a local Ray against one after another.
 
 The runs are BO-MRL on exact Frozen Lake (seeds 0..7). Sequential: `bilevel.runs.train`
-in this process, one run after the other. Ray: `bilevel.runs.sweep.run_sweep` with one CPU
+in this process, one run after the other, with one torch thread (as Ray gives each worker).
+Ray: `bilevel.runs.sweep.run_sweep` with one CPU
 a trial on every core. Ray's overhead per trial is estimated as
 ``(ray_wall - ray_start - sequential_wall / parallel) / (trials / parallel)``, the time each
 trial costs beyond its share of the sequential work once Ray has started.
@@ -17,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from bilevel.runs import make_config, train
 from bilevel.runs.sweep import run_sweep
 
@@ -31,6 +34,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bilevel-sweep-bench-"))
     overrides = {**OVERRIDES, "iterations": args.iterations}
 
+    torch.set_num_threads(1)
     start = time.perf_counter()
     for seed in range(args.trials):
         config = make_config("bomrl", {"env": "frozenlake-hole", "seed": seed, **overrides})
