@@ -171,7 +171,9 @@ def _plot(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     out = args.out or args.runs[0] / "plots" / f"{args.y}.png"
     try:
-        path = plot_curves(_expand_sweeps(args.runs), out, x=args.x, y=args.y)
+        runs = _expand_sweeps(args.runs)
+        path = plot_curves(runs, out, x=args.x, y=args.y)
+        extra = _algorithm_plots(runs, out.parent)
         for sweep in (p for p in args.runs if (p / "sweep.json").exists()):
             summarize(sweep, metric=args.y)
             print(sweep / "summary.md")
@@ -179,7 +181,21 @@ def _plot(argv: list[str]) -> int:
         print(f"bilevel plot: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(path)
+    for figure in extra:
+        print(figure)
     return 0
+
+
+def _algorithm_plots(runs: list[Path], out_dir: Path) -> list[Path]:
+    """Each algorithm's own figures (`Learner.plot_runs`) of the runs it trained."""
+    from bilevel.runs.folder import RunFolder
+
+    by_algorithm: dict[str, list[Path]] = {}
+    for run in runs:
+        algorithm, _ = RunFolder(run).read_config()
+        by_algorithm.setdefault(algorithm, []).append(run)
+    return [figure for name, group in sorted(by_algorithm.items())
+            for figure in get_algorithm(name).plot_runs(group, out_dir)]
 
 
 def _sweep(argv: list[str]) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -95,6 +96,13 @@ class Learner(abc.ABC):
 
     def close(self) -> None:  # noqa: B027
         """Release environments and workers."""
+
+    @staticmethod
+    def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+        """The algorithm's own figures of ``run_dirs`` (all trained by this algorithm) into
+        ``out_dir``, beyond the learning curves every run gets; ``bilevel plot`` calls it.
+        Returns the files written (none by default)."""
+        return []
 
 
 ALGORITHMS: dict[str, type[Learner]] = {}

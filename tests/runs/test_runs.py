@@ -74,6 +74,13 @@ class BanditLearner(Learner):
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
 
+    @staticmethod
+    def plot_runs(run_dirs, out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "bandit_runs.txt"
+        path.write_text("\n".join(sorted(p.name for p in run_dirs)))
+        return [path]
+
 
 def bandit_config(**overrides):
     return make_config("test-bandit", {"iterations": 12, "checkpoint_every": 4, "device": "cpu", **overrides})
@@ -130,6 +137,8 @@ def test_cli_train_and_plot(tmp_path, capsys):
     assert RunFolder(tmp_path / "s1").read_config()[1]["batch"] == 8
     assert cli.main(["plot", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+    assert (tmp_path / "bandit_runs.txt").read_text() == "s0\ns1", "the algorithm's own plot hook saw both runs"
+    assert str(tmp_path / "bandit_runs.txt") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
