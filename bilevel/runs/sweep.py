@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -159,6 +160,20 @@ def _run_trial(trial: Trial, run_dir: str, fault: tuple[int, int] | None) -> dic
     return {"trial": trial.name, "iteration": learner.iteration, "env_steps": learner.env_steps}
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise ``ValueError`` naming ``address`` unless a TCP connection to its ``host:port`` opens
+    within ``timeout`` seconds. Ray itself retries an unreachable address for minutes before it
+    gives up; ``auto`` and addresses without a port are left to Ray."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ValueError(f"could not reach a Ray cluster at {address!r}: {error}") from None
+
+
 def run_sweep(
     spec: dict[str, Any],
     sweep_dir: str | Path,
@@ -177,6 +192,9 @@ def run_sweep(
     except ImportError:
         raise ValueError("sweeps run on Ray: pip install 'bilevel[ray]'") from None
     trials = expand_spec(spec)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address is not None:
+        check_reachable(address)
     sweep_path = Path(sweep_dir)
     record = {"spec": spec, "trials": [dataclasses.asdict(t) for t in trials]}
     if (sweep_path / "sweep.json").exists() and not resume:
@@ -185,7 +203,6 @@ def run_sweep(
 
     pending = [(i, t) for i, t in enumerate(trials) if not trial_finished(sweep_path / t.name, t.values["iterations"])]
     resources = {"num_cpus": 1, "num_gpus": 0, "max_retries": 3, **spec.get("resources", {})}
-    address = address or os.environ.get("RAY_ADDRESS")
     init_options: dict[str, Any] = {"log_to_driver": False}
     if address is None:
         init_options.update(include_dashboard=False, _node_ip_address="127.0.0.1")

@@ -89,6 +89,20 @@ def test_bad_spec_exits_2_before_anything_starts(tmp_path, capsys, change, messa
     assert not (tmp_path / "sweep").exists()
 
 
+def test_unreachable_cluster_address_exits_2_at_once_naming_it(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(_to_toml(spec()))
+    address = f"127.0.0.1:{closed_port}"
+    assert cli.main(["sweep", str(spec_path), "--out", str(tmp_path / "sweep"), "--address", address]) == 2
+    assert address in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_without_ray_the_command_says_how_to_install_it(tmp_path, capsys, monkeypatch):
     spec_path = tmp_path / "spec.toml"
     spec_path.write_text(_to_toml(spec()))
