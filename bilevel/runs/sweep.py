@@ -226,14 +226,26 @@ def run_sweep(
     return {"ran": [r["trial"] for r in results], "skipped": len(trials) - len(pending), "summary": summary}
 
 
-def summarize(sweep_dir: str | Path, metric: str = "return", last: int = 5) -> list[dict[str, Any]]:
-    """Final ``metric`` (the mean of each run's last ``last`` rows) per configuration, mean
-    and standard error over seeds; written to ``summary.csv`` and ``summary.md``."""
+def expand_sweeps(paths: list[str | Path]) -> list[Path]:
+    """Run folders, with every sweep folder (one holding ``sweep.json``) replaced by its
+    trials' run folders that have metrics."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        record = path / "sweep.json"
+        if record.exists():
+            runs += [path / t["name"] for t in json.loads(record.read_text())["trials"]
+                     if (path / t["name"] / "metrics.csv").exists()]
+        else:
+            runs.append(path)
+    return runs
+
+
+def summary_rows(run_dirs: list[str | Path], metric: str = "return", last: int = 5) -> list[dict[str, Any]]:
+    """Final ``metric`` (the mean of each run's last ``last`` rows) per configuration of
+    ``run_dirs``, with the mean and standard error over seeds."""
     from bilevel.runs.plot import group_by_config
 
-    sweep_path = Path(sweep_dir)
-    trials = [Trial(**t) for t in json.loads((sweep_path / "sweep.json").read_text())["trials"]]
-    folders = [RunFolder(sweep_path / t.name) for t in trials if (sweep_path / t.name / "config.json").exists()]
+    folders = [RunFolder(path) for path in run_dirs if (Path(path) / "config.json").exists()]
     rows = []
     for label, group in group_by_config(folders).items():
         finals = []
@@ -247,10 +259,23 @@ def summarize(sweep_dir: str | Path, metric: str = "return", last: int = 5) -> l
         stderr = (math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1) / len(finals))
                   if len(finals) > 1 else float("nan"))
         rows.append({"config": label, "seeds": len(finals), "mean": mean, "stderr": stderr})
+    return rows
+
+
+def summary_markdown(rows: list[dict[str, Any]], metric: str = "return", last: int = 5) -> str:
+    """``rows`` of `summary_rows` as a Markdown table."""
+    md = [f"| config | seeds | final {metric} (mean of last {last} rows) | standard error |", "|---|---:|---:|---:|"]
+    md += [f"| {r['config']} | {r['seeds']} | {r['mean']:.4g} | {r['stderr']:.2g} |" for r in rows]
+    return "\n".join(md) + "\n"
+
+
+def summarize(sweep_dir: str | Path, metric: str = "return", last: int = 5) -> list[dict[str, Any]]:
+    """`summary_rows` of a sweep's trials, written to ``summary.csv`` and ``summary.md``."""
+    sweep_path = Path(sweep_dir)
+    trials = [Trial(**t) for t in json.loads((sweep_path / "sweep.json").read_text())["trials"]]
+    rows = summary_rows([sweep_path / t.name for t in trials], metric, last)
     csv_lines = ["config,seeds,mean,stderr"] + [f'"{r["config"]}",{r["seeds"]},{r["mean"]!r},{r["stderr"]!r}'
                                                 for r in rows]
     atomic_write_text(sweep_path / "summary.csv", "\n".join(csv_lines) + "\n")
-    md = [f"| config | seeds | final {metric} (mean of last {last} rows) | standard error |", "|---|---:|---:|---:|"]
-    md += [f"| {r['config']} | {r['seeds']} | {r['mean']:.4g} | {r['stderr']:.2g} |" for r in rows]
-    atomic_write_text(sweep_path / "summary.md", "\n".join(md) + "\n")
+    atomic_write_text(sweep_path / "summary.md", summary_markdown(rows, metric, last))
     return rows

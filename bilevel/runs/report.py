@@ -1,0 +1,88 @@
+"""Reproduction reports regenerated from run and sweep folders.
+
+A report is a Markdown file whose generated parts sit between marker comments; everything
+outside them is prose and is left alone. Two kinds of block:
+
+    <!-- bilevel:summary runs/matt-pendulum/* metric=return last=5 -->
+    | config | seeds | final return ... |        (rewritten from the folders' metrics.csv)
+    <!-- bilevel:end -->
+
+    <!-- bilevel:curves sweeps/alpha out=min-attention/curves.png y=return x=env_steps -->
+    ![return](min-attention/curves.png)           (the figure is redrawn, the link rewritten)
+    <!-- bilevel:end -->
+
+Folder arguments are paths or glob patterns relative to the working directory; a sweep
+folder stands for its trials. ``out`` is relative to the report's own folder.
+``bilevel report FILE...`` rewrites each file atomically.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+
+from bilevel.runs.folder import atomic_write_text
+from bilevel.runs.sweep import expand_sweeps, summary_markdown, summary_rows
+
+__all__ = ["regenerate"]
+
+_BLOCK = re.compile(r"(<!-- bilevel:(summary|curves) (.*?) -->\n)(.*?)(<!-- bilevel:end -->)", re.DOTALL)
+
+
+def _parse(arguments: str, where: str) -> tuple[list[Path], dict[str, str]]:
+    patterns, options = [], {}
+    for word in arguments.split():
+        key, equals, value = word.partition("=")
+        if equals:
+            options[key] = value
+        else:
+            patterns.append(word)
+    folders = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        folders += [Path(m) for m in matches if Path(m).is_dir()]
+    if not folders:
+        raise ValueError(f"{where}: no run or sweep folder matches {patterns}")
+    return expand_sweeps(folders), options
+
+
+def _summary(folders: list[Path], options: dict[str, str], where: str) -> str:
+    metric, last = options.get("metric", "return"), int(options.get("last", 5))
+    rows = summary_rows(folders, metric, last)
+    if not rows:
+        raise ValueError(f"{where}: none of {len(folders)} folders has metric {metric!r}")
+    return summary_markdown(rows, metric, last)
+
+
+def _curves(folders: list[Path], options: dict[str, str], report: Path, where: str) -> str:
+    from bilevel.runs.plot import plot_curves
+
+    if "out" not in options:
+        raise ValueError(f"{where}: a curves block needs out=FILE.png")
+    y, x = options.get("y", "return"), options.get("x", "env_steps")
+    plot_curves(folders, report.parent / options["out"], x=x, y=y)
+    return f"![{y} against {x}]({options['out']})\n"
+
+
+def regenerate(report: str | Path) -> int:
+    """Rewrite every generated block of ``report`` from the folders it names; returns the
+    number of blocks. A block naming no folder, or folders without the metric, raises
+    ``ValueError`` with the block's line number, and the file is left unchanged."""
+    path = Path(report)
+    text = path.read_text()
+    count = 0
+
+    def rewrite(match: re.Match[str]) -> str:
+        nonlocal count
+        head, kind, arguments, _, tail = match.groups()
+        where = f"{path}:{text.count(chr(10), 0, match.start()) + 1}"
+        folders, options = _parse(arguments, where)
+        body = _summary(folders, options, where) if kind == "summary" else _curves(folders, options, path, where)
+        count += 1
+        return head + body + tail
+
+    new_text = _BLOCK.sub(rewrite, text)
+    if new_text != text:
+        atomic_write_text(path, new_text)
+    return count

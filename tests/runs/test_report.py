@@ -1,0 +1,61 @@
+"""Reports regenerated from run folders: blocks rewritten, prose kept, bad blocks named."""
+
+import statistics
+
+import pytest
+
+from bilevel.runs.folder import MetricsWriter, RunFolder
+from bilevel.runs.report import regenerate
+
+
+def fake_run(path, lr, seed, finals):
+    folder = RunFolder(path)
+    folder.path.mkdir(parents=True)
+    folder.write_config("maml-trpo", {"env": "navigation-2d", "seed": seed, "inner_lr": lr})
+    writer = MetricsWriter(folder.metrics_path)
+    for step, value in enumerate(finals, 1):
+        writer.append({"iteration": step, "env_steps": 100 * step, "return": value})
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_run(tmp_path / "runs" / "lr0.1-s0", 0.1, 0, [-50.0, -40.0, -30.0])
+    fake_run(tmp_path / "runs" / "lr0.1-s1", 0.1, 1, [-52.0, -44.0, -34.0])
+    fake_run(tmp_path / "runs" / "lr0.5-s0", 0.5, 0, [-60.0, -20.0, -10.0])
+    return tmp_path
+
+
+def test_blocks_are_rewritten_from_the_folders_and_the_prose_is_kept(runs):
+    report = runs / "docs" / "report.md"
+    report.parent.mkdir()
+    prose = "# Report\n\nWritten by hand.\n\n"
+    report.write_text(
+        prose
+        + "<!-- bilevel:summary runs/lr* metric=return last=2 -->\nstale table\n<!-- bilevel:end -->\n"
+        + "\nMore prose.\n\n"
+        + "<!-- bilevel:curves runs/lr* out=figs/return.png -->\nstale\n<!-- bilevel:end -->\n"
+    )
+    assert regenerate(report) == 2
+    text = report.read_text()
+    assert text.startswith(prose) and "\nMore prose.\n" in text and "stale" not in text
+    finals = [statistics.mean([-40.0, -30.0]), statistics.mean([-44.0, -34.0])]
+    row = next(line for line in text.splitlines() if "inner_lr=0.1" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2" and float(cells[2]) == pytest.approx(statistics.mean(finals), abs=1e-3)
+    assert float(cells[3]) == pytest.approx(statistics.stdev(finals) / 2**0.5, rel=0.05)
+    assert "inner_lr=0.5" in text and "![return against env_steps](figs/return.png)" in text
+    assert (report.parent / "figs" / "return.png").stat().st_size > 1000
+
+    once = report.read_text()
+    regenerate(report)
+    assert report.read_text() == once, "regenerating twice changes nothing"
+
+
+def test_a_block_naming_no_folder_is_reported_with_its_line_and_nothing_is_written(runs):
+    report = runs / "report.md"
+    original = "line one\n<!-- bilevel:summary runs/no-such-* -->\nold\n<!-- bilevel:end -->\n"
+    report.write_text(original)
+    with pytest.raises(ValueError, match=r"report\.md:2.*no-such"):
+        regenerate(report)
+    assert report.read_text() == original
