@@ -1,8 +1,9 @@
 """Substrate throughput: collection against raw MuJoCo, imagined rollouts, ensemble training.
 
-1. Collection: `bilevel.rl.collect` on a `SyncVectorEnv` of HalfCheetah-v5 (1 and 16 envs) with a
-   Gaussian MLP policy, against raw `mujoco.mj_step` on the same model (frame_skip calls
-   per env step). The ratio says how close collection comes to the simulator's limit.
+1. Collection: `bilevel.rl.collect` on a `SyncVectorEnv` of HalfCheetah-v5 and on a
+   `BatchedHalfCheetah` (1, 16, 64 envs) with a Gaussian MLP policy, against raw
+   `mujoco.mj_step` on the same model (frame_skip calls per env step). The ratio says how
+   close collection comes to the simulator's limit.
 2. Imagination: `bilevel.rl.imagine` with a 7-member (5 elites) 4 x 200 ensemble from
    10,000 start states: imagined transitions per second.
 3. Ensemble training: samples per second of one batched gradient step on all 7 members
@@ -21,18 +22,23 @@ import mujoco
 import torch
 from torch import nn
 
+from bilevel.envs.batched_mujoco import BatchedHalfCheetah
 from bilevel.nets import GaussianMLPPolicy, ProbabilisticEnsemble
 from bilevel.nets.common import mlp
 from bilevel.nets.ensemble import gaussian_nll
 from bilevel.rl import collect, imagine, make_vector_env
 
 
-def collection_rate(steps: int, num_envs: int) -> float:
+def collection_rate(steps: int, num_envs: int, batched: bool = False) -> float:
     """Env steps per second that `collect` gathers from ``num_envs`` HalfCheetahs in one process
-    on one core (torch limited to one thread for the duration)."""
+    on one core (torch limited to one thread for the duration): a `SyncVectorEnv` of
+    Gymnasium envs, or with ``batched`` one `BatchedHalfCheetah` stepped by ``mujoco.rollout``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    envs = make_vector_env(lambda: gym.make("HalfCheetah-v5"), num_envs)
+    if batched:
+        envs = BatchedHalfCheetah(num_envs)
+    else:
+        envs = make_vector_env(lambda: gym.make("HalfCheetah-v5"), num_envs)
     policy = GaussianMLPPolicy(17, 6)
     generator = torch.Generator().manual_seed(0)
 
@@ -130,16 +136,27 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    raw = raw_simulator_rate(args.steps)
-    collected = {n: collection_rate(args.steps, n) for n in args.envs}
+    collected, collected_batched, raws = {}, {}, []
+    for n in args.envs:
+        raws.append(raw_simulator_rate(args.steps))
+        collected[n] = collection_rate(args.steps, n)
+        raws.append(raw_simulator_rate(args.steps))
+        collected_batched[n] = collection_rate(args.steps, n, batched=True)
+    raws.append(raw_simulator_rate(args.steps))
+    raw = sorted(raws)[len(raws) // 2]
     imagined = imagined_per_second(device)
     batched, looped = training_samples_per_second(device)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}")
+    print(f"raw mj_step rate measured between the collections: median {raw:,.0f}, "
+          f"range {min(raws):,.0f}-{max(raws):,.0f}")
     print("| measurement | ours | reference | ratio |")
     print("|---|---:|---:|---:|")
     for num_envs, rate in collected.items():
         print(f"| HalfCheetah-v5 collection, env steps/s ({num_envs} envs) | {rate:,.0f} | raw mj_step {raw:,.0f} | "
               f"{rate / raw:.2f} |")
+    for num_envs, rate in collected_batched.items():
+        print(f"| HalfCheetah-v5 collection, env steps/s ({num_envs} envs, BatchedHalfCheetah) | {rate:,.0f} | "
+              f"raw mj_step {raw:,.0f} | {rate / raw:.2f} |")
     print(f"| imagined transitions/s (5 elites x 10,000 starts, 4x200) | {imagined:,.0f} | | |")
     print(f"| ensemble training samples/s (7 members, batch 256) | batched {batched:,.0f} | loop {looped:,.0f} | "
           f"{batched / looped:.2f} |")

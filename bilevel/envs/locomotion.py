@@ -17,6 +17,7 @@ from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 from torch import Tensor
 
+from bilevel.envs.batched_mujoco import BatchedHalfCheetah, direction_rewards, velocity_rewards
 from bilevel.envs.rewards import (
     TASK_CTRL_COST_WEIGHT,
     half_cheetah_direction_reward,
@@ -138,6 +139,13 @@ class HalfCheetahVelocity:
     ) -> gym.Env:
         return gym.make(self.env_id, task=task, max_episode_steps=max_episode_steps, **kwargs)
 
+    def make_batched_env(
+        self, tasks: Sequence[VelocityTask], max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS, **kwargs: Any
+    ) -> BatchedHalfCheetah:
+        """One env per task, all stepped as one batch (`BatchedHalfCheetah`, same dynamics and reward)."""
+        rewards = velocity_rewards([task.target_velocity for task in tasks])
+        return BatchedHalfCheetah(len(tasks), reward_fn=rewards, max_episode_steps=max_episode_steps, **kwargs)
+
     def reward_fn(self, task: VelocityTask) -> RewardFn:
         """``reward_fn(obs, action, next_obs)`` of ``task``; see :mod:`bilevel.envs.rewards`."""
         return functools.partial(half_cheetah_velocity_reward, target_velocity=task.target_velocity)
@@ -166,6 +174,13 @@ class HalfCheetahDirection(_DirectionFamily):
     """Task family: HalfCheetah-v5 running forward (d = +1) or backward (d = -1)."""
 
     env_id = "bilevel/HalfCheetahDir-v0"
+
+    def make_batched_env(
+        self, tasks: Sequence[DirectionTask], max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS, **kwargs: Any
+    ) -> BatchedHalfCheetah:
+        """One env per task, all stepped as one batch (`BatchedHalfCheetah`, same dynamics and reward)."""
+        rewards = direction_rewards([task.direction for task in tasks])
+        return BatchedHalfCheetah(len(tasks), reward_fn=rewards, max_episode_steps=max_episode_steps, **kwargs)
 
     def reward_fn(self, task: DirectionTask) -> RewardFn:
         """``reward_fn(obs, action, next_obs)`` of ``task``; see :mod:`bilevel.envs.rewards`."""
