@@ -3,7 +3,8 @@
 1. Collection: `bilevel.rl.collect` on a `SyncVectorEnv` of HalfCheetah-v5 and on a
    `BatchedHalfCheetah` (1, 16, 64 envs) with a Gaussian MLP policy, against raw
    `mujoco.mj_step` on the same model (frame_skip calls per env step). The ratio says how
-   close collection comes to the simulator's limit.
+   close collection comes to the simulator's limit. Both are timed in CPU time of this
+   process (`time.process_time`, one thread), so other load on the machine does not skew them.
 2. Imagination: `bilevel.rl.imagine` with a 7-member (5 elites) 4 x 200 ensemble from
    10,000 start states: imagined transitions per second.
 3. Ensemble training: samples per second of one batched gradient step on all 7 members
@@ -48,9 +49,9 @@ def collection_rate(steps: int, num_envs: int, batched: bool = False) -> float:
         return actions, dist.log_prob(actions)
 
     collect(envs, policy_fn, 100, seed=0)
-    start = time.perf_counter()
+    start = time.process_time()
     collect(envs, policy_fn, max(steps // num_envs, 1), seed=0)
-    rate = max(steps // num_envs, 1) * num_envs / (time.perf_counter() - start)
+    rate = max(steps // num_envs, 1) * num_envs / (time.process_time() - start)
     envs.close()
     torch.set_num_threads(threads)
     return rate
@@ -61,12 +62,12 @@ def raw_simulator_rate(steps: int) -> float:
     env = gym.make("HalfCheetah-v5").unwrapped
     model, data, frame_skip = env.model, env.data, env.frame_skip
     mujoco.mj_resetData(model, data)
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(steps):
         data.ctrl[:] = 0.1
         for _ in range(frame_skip):
             mujoco.mj_step(model, data)
-    return steps / (time.perf_counter() - start)
+    return steps / (time.process_time() - start)
 
 
 def imagined_per_second(device: torch.device, starts: int = 10_000, horizon: int = 10) -> float:
