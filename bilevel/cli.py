@@ -1,7 +1,7 @@
 """The ``bilevel`` command: ``train``, ``eval``, ``plot`` and ``list``.
 
     bilevel train ALGORITHM --env ENV [--seed N] [--iterations N] [--FIELD VALUE ...] [--run-dir DIR]
-    bilevel train ALGORITHM --resume RUN [--iterations N]
+    bilevel train ALGORITHM --resume RUN [--iterations N] [--threads N]
     bilevel eval RUN [--KEY VALUE ...]
     bilevel plot RUN_OR_SWEEP [...] [--y return] [--x env_steps] [--out FILE]
     bilevel sweep SPEC.toml [--out SWEEP] [--address RAY_ADDRESS]
@@ -9,8 +9,9 @@
     bilevel list
 
 Every config field of the algorithm is an option (``attention_weight`` is
-``--attention-weight``). Bad input (an unknown algorithm, env, option or device, a
-negative budget) prints one line naming it and exits with status 2, before anything
+``--attention-weight``); ``--threads N`` (default 1, 0 for torch's default) caps torch's
+CPU threads for every algorithm. Bad input (an unknown algorithm, env, option or device,
+a negative budget) prints one line naming it and exits with status 2, before anything
 is written.
 """
 
@@ -30,6 +31,8 @@ from typing import Any
 from bilevel.runs.learner import ALGORITHMS, RunConfig, get_algorithm
 
 EXIT_BAD_INPUT = 2
+RESUMABLE = {"iterations", "threads"}
+"""The config fields ``bilevel train --resume`` may change."""
 
 
 def field_docs(config_class: type) -> dict[str, str]:
@@ -108,9 +111,9 @@ def _train(argv: list[str]) -> int:
         if resume is not None:
             from bilevel.runs.folder import RunFolder
 
-            if set(args) - {"iterations"}:
-                raise ValueError(f"--resume continues a run with its saved config; only --iterations may change, "
-                                 f"not {sorted(set(args) - {'iterations'})}")
+            if set(args) - RESUMABLE:
+                raise ValueError(f"--resume continues a run with its saved config; only --iterations and --threads "
+                                 f"may change, not {sorted(set(args) - RESUMABLE)}")
             _, saved = RunFolder(resume).read_config()
             config = make_config(algorithm, {**saved, **args})
             run_dir = resume

@@ -41,6 +41,9 @@ class RunConfig:
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     checkpoint_every: int = 10
     """Iterations between checkpoints (the last iteration always checkpoints)."""
+    threads: int = 1
+    """torch intra-op CPU threads while training or evaluating (0: torch's default, one per core). One
+    suits the small networks of these methods: on a shared machine more threads only contend."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field with a bad value."""
@@ -50,6 +53,8 @@ class RunConfig:
             raise ValueError(f"`checkpoint_every` must be >= 1; got {self.checkpoint_every}")
         if self.seed < 0:
             raise ValueError(f"`seed` must be >= 0; got {self.seed}")
+        if self.threads < 0:
+            raise ValueError(f"`threads` must be >= 0; got {self.threads}")
 
 
 class Learner(abc.ABC):
@@ -96,6 +101,12 @@ class Learner(abc.ABC):
 
     def close(self) -> None:  # noqa: B027
         """Release environments and workers."""
+
+    def analysis_arrays(self) -> dict[str, Any]:
+        """Tensors from the latest evaluation that the algorithm's own figures (`plot_runs`) need,
+        e.g. MATT's actor and attention features; the runner saves them with every checkpoint into
+        ``RUN/analysis/iteration-NNNNNN.pt`` together with ``iteration`` and ``env_steps``. None by default."""
+        return {}
 
     @staticmethod
     def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,23 @@ import torch
 from bilevel.runs.folder import MetricsWriter, RunFolder, atomic_save
 from bilevel.runs.learner import Learner, RunConfig, get_algorithm, resolve_device
 
-__all__ = ["evaluate_run", "load_learner", "make_config", "seed_everything", "train"]
+__all__ = ["ANALYSIS_DIR", "evaluate_run", "load_learner", "make_config", "seed_everything", "torch_threads", "train"]
+
+ANALYSIS_DIR = "analysis"
+"""The run subfolder holding `Learner.analysis_arrays` saved at checkpoints, one
+``iteration-NNNNNN.pt`` file per checkpoint."""
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (0: leave torch's setting), then restore it."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def seed_everything(seed: int) -> None:
@@ -69,6 +86,10 @@ def _tensorboard(folder: RunFolder, purge_step: int | None) -> Any:
 
 def _checkpoint(folder: RunFolder, learner: Learner) -> None:
     atomic_save({"state": learner.state_dict(), "rng": _rng_state()}, folder.checkpoint_path)
+    arrays = learner.analysis_arrays()
+    if arrays:
+        path = folder.path / ANALYSIS_DIR / f"iteration-{learner.iteration:06d}.pt"
+        atomic_save({"iteration": learner.iteration, "env_steps": learner.env_steps, **arrays}, path)
 
 
 def _build(algorithm: str, config: RunConfig) -> Learner:
@@ -93,9 +114,8 @@ def train(
     with ``config.iterations`` as the new budget) and drops metric rows written after
     that checkpoint. Without it, an existing run folder is an error unless
     ``overwrite=True``. ``progress=None`` shows the bar only on a terminal.
-    ``after_iteration(learner)`` runs after each iteration's metrics and checkpoint."""
-    from tqdm.auto import tqdm
-
+    ``after_iteration(learner)`` runs after each iteration's metrics and checkpoint.
+    torch uses ``config.threads`` CPU threads meanwhile (a resumed run may change it)."""
     folder = RunFolder(run_dir)
     if resume:
         saved_algorithm, saved_values = folder.read_config()
@@ -103,11 +123,19 @@ def train(
             raise ValueError(f"run {str(folder.path)!r} trained {saved_algorithm!r}, not {algorithm!r}")
         if not folder.checkpoint_path.exists():
             raise ValueError(f"run {str(folder.path)!r} has no checkpoint to resume from")
-        config = make_config(algorithm, {**saved_values, "iterations": config.iterations})
+        config = make_config(algorithm, {**saved_values, "iterations": config.iterations,
+                                          "threads": config.threads})
     elif folder.exists():
         if not overwrite:
             raise ValueError(f"run folder {str(folder.path)!r} exists; pass --resume to continue it or --overwrite")
         shutil.rmtree(folder.path)
+    with torch_threads(config.threads):
+        return _train(algorithm, config, folder, resume, progress, after_iteration)
+
+
+def _train(algorithm: str, config: RunConfig, folder: RunFolder, resume: bool, progress: bool | None,
+           after_iteration: Callable[[Learner], None] | None) -> Learner:
+    from tqdm.auto import tqdm
 
     learner = _build(algorithm, config)
     metrics = MetricsWriter(folder.metrics_path)
@@ -164,10 +192,12 @@ def load_learner(run_dir: str | Path, device: str | None = None) -> tuple[str, L
 
 def evaluate_run(run_dir: str | Path, options: dict[str, Any], *, device: str | None = None) -> dict[str, float]:
     """Evaluate a run's last checkpoint with ``options`` and write ``eval.json``."""
-    _, learner = load_learner(run_dir, device)
-    try:
-        result = learner.evaluate(**options)
-    finally:
-        learner.close()
+    threads = RunFolder(run_dir).read_config()[1].get("threads", RunConfig.threads)
+    with torch_threads(threads):
+        _, learner = load_learner(run_dir, device)
+        try:
+            result = learner.evaluate(**options)
+        finally:
+            learner.close()
     RunFolder(run_dir).write_json("eval.json", {"options": options, "iteration": learner.iteration, **result})
     return result

@@ -174,3 +174,28 @@ def test_existing_run_is_not_overwritten_unless_asked(tmp_path, capsys):
     assert (tmp_path / "run" / "metrics.csv").read_text() == before
     assert cli.main([*base, "--overwrite"]) == 0
     assert cli.main(["train", "test-bandit", "--resume", run, "--batch", "4"]) == 2
+
+
+def test_threads_apply_while_training_and_are_restored(tmp_path):
+    seen = []
+    before = torch.get_num_threads()
+    train("test-bandit", bandit_config(iterations=2, threads=1), tmp_path / "one", progress=False,
+          after_iteration=lambda learner: seen.append(torch.get_num_threads()))
+    assert seen == [1, 1]
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        bandit_config(threads=-1)
+
+
+def test_every_algorithm_takes_threads_and_resume_may_change_it(tmp_path):
+    from bilevel.runs.learner import ALGORITHMS
+
+    assert RunConfig.threads == 1
+    for name, learner_class in ALGORITHMS.items():
+        field = {f.name: f for f in dataclasses.fields(learner_class.Config)}["threads"]
+        assert field.type in (int, "int"), name
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "test-bandit", "--iterations", "2", "--threads", "1", "--device", "cpu",
+                     "--run-dir", run, "--no-progress"]) == 0
+    assert cli.main(["train", "test-bandit", "--resume", run, "--iterations", "3", "--threads", "2"]) == 0
+    assert len(metric_rows(tmp_path / "run")) == 3
