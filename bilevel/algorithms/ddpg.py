@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bilevel.algorithms.off_policy import FeatureScaleFn, OffPolicyConfig, OffPolicyLearner, apply, clone_target
+from bilevel.algorithms.off_policy import OffPolicyConfig, OffPolicyLearner, apply, clone_target
 from bilevel.nets import DeterministicActor, QCritic
 from bilevel.rl import Transitions
 from bilevel.runs import register
@@ -81,7 +81,6 @@ class DDPG(OffPolicyLearner):
             return sum(F.mse_loss(q, target) for q in q_values)
         return F.mse_loss(q_values, target)
 
-    def actor_loss(self, actor_params: Tree, obs: Tensor, noise: Tensor | None,
-                   scale_fn: FeatureScaleFn | None = None) -> Tensor:
-        actions = self.actor_output(actor_params, obs, scale_fn)
-        return -self.q1(self.critic_constants(), obs, actions).mean()
+    def loss_of_output(self, output: Tensor, obs: Tensor, noise: Tensor | None) -> Tensor:
+        """``-mean Q1(s, a)`` for the actions ``output [B, A]``."""
+        return -self.q1(self.critic_constants(), obs, output).mean()

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import functools
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torchopt
@@ -58,13 +58,17 @@ from bilevel.tree import Tree
 __all__ = [
     "LOOKAHEAD_LAYERS",
     "VARIANTS",
+    "AttentionForward",
     "LookAheadConfig",
     "LookAheadMetaLearner",
     "MetaAttention",
     "MetaAttentionConfig",
     "choose_by_q",
+    "embed_2d",
     "lookahead_split",
     "make_variant",
+    "plot_feature_embeddings",
+    "plot_q_gap",
 ]
 
 LOOKAHEAD_LAYERS = {"first": ("features.0.",), "features": ("features.",), "all": ("",)}
@@ -76,6 +80,16 @@ def lookahead_split(actor_params: dict[str, Tensor], layers: str) -> tuple[dict[
     prefixes = LOOKAHEAD_LAYERS[layers]
     moved = {name: value for name, value in actor_params.items() if name.startswith(prefixes)}
     return moved, {name: value for name, value in actor_params.items() if name not in moved}
+
+
+class AttentionForward(NamedTuple):
+    """`MetaAttention.attention_forward`: actor features ``[B, F]``, the vanilla actor output, the
+    feature scale ``[B, F]`` and the attention actor output."""
+
+    features: Tensor
+    vanilla: Any
+    scale: Tensor
+    attention: Any
 
 
 def choose_by_q(q_vanilla: Tensor, q_attention: Tensor) -> Tensor:
@@ -117,11 +131,16 @@ class MetaAttentionConfig(LookAheadConfig):
     """Hidden sizes of the attention net f_psi (authors: (actor + critic features) -> 256 -> 128 -> actor features)."""
     dance_twice: bool = False
     """Execute the attention action when the critic prefers it (the _DT variants, section 3.3)."""
+    analysis_states: int = 250
+    """Consecutive states of the first evaluation episode whose actor and attention features every
+    checkpoint saves for the t-SNE figure of `bilevel plot` (paper, section 4.3: 250)."""
 
     def validate(self) -> None:
         super().validate()
         if not self.attention_hidden or min(self.attention_hidden) < 1:
             raise ValueError(f"`attention_hidden` must be positive sizes; got {self.attention_hidden}")
+        if self.analysis_states < 0:
+            raise ValueError(f"`analysis_states` must be >= 0; got {self.analysis_states}")
 
 
 class LookAheadMetaLearner(OffPolicyLearner):
@@ -139,6 +158,12 @@ class LookAheadMetaLearner(OffPolicyLearner):
     def auxiliary_loss(self, actor_params: Tree, meta_params: Tree, obs: Tensor, noise: Tensor | None) -> Tensor:
         """The actor loss of the second look-ahead step, eq. 9 (MATT: the attention-action loss)."""
 
+    def actor_and_auxiliary_losses(self, actor_params: Tree, meta_params: Tree, obs: Tensor,
+                                   noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(L_actor(phi), L_aux(phi, omega))`` on one batch ``obs [B, D]``, the two losses of the actor's
+        own step; a subclass shares their common forward passes (the actor features)."""
+        return self.actor_loss(actor_params, obs, noise), self.auxiliary_loss(actor_params, meta_params, obs, noise)
+
     def build(self) -> None:
         super().build()
         self.meta_net = self.make_meta_net().to(self.device)
@@ -154,45 +179,60 @@ class LookAheadMetaLearner(OffPolicyLearner):
         val_obs: Tensor,
         train_noise: Tensor | None,
         val_noise: Tensor | None,
+        old: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """``tanh(L_actor(phi_new; d_val) - L_actor(phi_old; d_val))`` (eq. 10), a scalar differentiable in
         ``meta_params`` and ``moved`` through both SGD look-ahead steps (eqs. 8, 9); ``fixed`` holds the
-        actor entries the look-ahead does not move (treated as constants). Batches are ``[B, D]``."""
+        actor entries the look-ahead does not move (treated as constants). Batches are ``[B, D]``.
+
+        ``old``: ``phi_old``'s moved entries when the caller already has them (eq. 8 with the vanilla
+        gradient of the actor's own step); then only eq. 9 is unrolled and no gradient reaches ``moved``."""
 
         def actor(moved_params: Tree) -> Tree:
             return {**fixed, **moved_params}
 
         step = torchopt.sgd(self.config.actor_lr)
-        old = unroll(lambda p: self.actor_loss(actor(p), train_obs, train_noise), moved, step, 1)
+        if old is None:
+            old = unroll(lambda p: self.actor_loss(actor(p), train_obs, train_noise), moved, step, 1)
         new = unroll(lambda p: self.auxiliary_loss(actor(p), meta_params, train_obs, train_noise), old, step, 1)
         improvement = self.actor_loss(actor(new), val_obs, val_noise) - self.actor_loss(actor(old), val_obs, val_noise)
         return torch.tanh(improvement)
 
     def actor_update(self, obs: Tensor) -> dict[str, Tensor]:
+        """The actor's step on ``grad L_actor(phi) (+ grad L_aux(phi, omega))`` and the meta-net's step on
+        ``grad_omega L_meta`` (eq. 10), both at the current ``phi``. Without ``meta_loss_trains_actor``,
+        eq. 8's gradient is the vanilla gradient of the actor's step, computed once for both."""
         config = self.config
         val_obs = self.buffer.sample(config.batch_size, self.generator).obs
         train_noise, val_noise = self.actor_noise(obs.shape[0]), self.actor_noise(obs.shape[0])
         actor_params = self.actor_params()
         meta_params = tree.params_of(self.meta_net)
+        actor_loss, auxiliary = self.actor_and_auxiliary_losses(actor_params, tree.detach(meta_params), obs,
+                                                                train_noise)
+        leaves = list(actor_params.values())
+        grads = dict(zip(actor_params, torch.autograd.grad(actor_loss, leaves,
+                                                           retain_graph=config.auxiliary_trains_actor), strict=True))
         moved, fixed = lookahead_split(actor_params, config.lookahead_layers)
-        if not config.meta_loss_trains_actor:
-            moved = tree.detach(moved)
-        meta_loss = self.meta_loss(meta_params, moved, tree.detach(fixed), obs, val_obs, train_noise, val_noise)
-        wrt = list(meta_params.values()) + (list(moved.values()) if config.meta_loss_trains_actor else [])
-        meta_grads = torch.autograd.grad(meta_loss, wrt)
+        if config.meta_loss_trains_actor:
+            meta_loss = self.meta_loss(meta_params, moved, tree.detach(fixed), obs, val_obs, train_noise, val_noise)
+        else:
+            with torch.no_grad():
+                old = {name: value - config.actor_lr * grads[name] for name, value in moved.items()}
+            meta_loss = self.meta_loss(meta_params, tree.detach(moved), tree.detach(fixed), obs, val_obs,
+                                       train_noise, val_noise, old=old)
+            moved = {}
+        meta_grads = torch.autograd.grad(meta_loss, [*meta_params.values(), *moved.values()])
 
-        actor_loss = self.actor_loss(actor_params, obs, train_noise)
-        total = actor_loss
         if config.auxiliary_trains_actor:
-            total = total + self.auxiliary_loss(actor_params, tree.detach(meta_params), obs, train_noise)
-        self.actor_optimizer.zero_grad()
-        total.backward()
-        for param, grad in zip(moved.values() if config.meta_loss_trains_actor else (),
-                               meta_grads[len(meta_params):], strict=True):
-            param.grad += grad
+            auxiliary_grads = torch.autograd.grad(auxiliary, leaves, allow_unused=True)
+            grads = {name: g if a is None else g + a
+                     for (name, g), a in zip(grads.items(), auxiliary_grads, strict=True)}
+        for name, grad in zip(moved, meta_grads[len(meta_params):], strict=True):
+            grads[name] = grads[name] + grad
+        for name, param in actor_params.items():
+            param.grad = grads[name]
         self.actor_optimizer.step()
-
-        for param, grad in zip(meta_params.values(), meta_grads[: len(meta_params)], strict=True):
+        for param, grad in zip(meta_params.values(), meta_grads, strict=False):
             param.grad = grad
         self.meta_optimizer.step()
         return {"actor_loss": actor_loss.detach(), "meta_loss": meta_loss.detach(), **self.after_actor_step(obs)}
@@ -214,44 +254,77 @@ class MetaAttention(LookAheadMetaLearner):
         actor_features, critic_features = self.config.hidden[-1], self.config.hidden[-1]
         return mlp((actor_features + critic_features, *self.config.attention_hidden, actor_features), nn.ReLU)
 
-    def attention_scale(self, attention_params: Tree, actor_params: Tree, obs: Tensor) -> Tensor:
-        """``2 sigmoid(f_psi(pi_bar(s), Q_bar(s, pi_phi(s))))``, ``[B, F]`` in (0, 2) (eq. 5); the critic is
-        held constant, ``pi_phi(s)`` is the deterministic action (SAC: ``tanh(mean)``)."""
+    def attention_forward(self, attention_params: Tree, actor_params: Tree, obs: Tensor) -> AttentionForward:
+        """The vanilla and the attention actor on ``obs [B, D]`` from one pass of the actor features (eq. 5):
+        ``features = pi_bar(s)`` ``[B, F]``, ``vanilla = head(features)``, ``scale = 2 sigmoid(f_psi(features,
+        Q_bar(s, pi_phi(s))))`` ``[B, F]`` in (0, 2) and ``attention = head(features * scale)``; the critic is
+        held constant and ``pi_phi(s)`` is the deterministic action (SAC: ``tanh(mean)``)."""
         features = self.actor_features(actor_params, obs)
-        actions = self.mean_action(apply(self.actor, actor_params, obs))
-        critic_features = self.q1_features(self.critic_constants(), obs, actions)
+        vanilla = self.actor_output(actor_params, obs, None, features)
+        critic_features = self.q1_features(self.critic_constants(), obs, self.mean_action(vanilla))
         logits = apply(self.meta_net, attention_params, torch.cat([features, critic_features], dim=-1))
-        return 2.0 * torch.sigmoid(logits)
+        scale = 2.0 * torch.sigmoid(logits)
+        return AttentionForward(features, vanilla, scale, self.actor_output(actor_params, obs, scale, features))
+
+    def attention_scale(self, attention_params: Tree, actor_params: Tree, obs: Tensor) -> Tensor:
+        """``2 sigmoid(f_psi(pi_bar(s), Q_bar(s, pi_phi(s))))``, ``[B, F]`` in (0, 2) (eq. 5)."""
+        return self.attention_forward(attention_params, actor_params, obs).scale
 
     def auxiliary_loss(self, actor_params: Tree, meta_params: Tree, obs: Tensor, noise: Tensor | None) -> Tensor:
-        return self.actor_loss(actor_params, obs, noise, functools.partial(self.attention_scale, meta_params))
+        return self.loss_of_output(self.attention_forward(meta_params, actor_params, obs).attention, obs, noise)
+
+    def actor_and_auxiliary_losses(self, actor_params: Tree, meta_params: Tree, obs: Tensor,
+                                   noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        forward = self.attention_forward(meta_params, actor_params, obs)
+        return self.loss_of_output(forward.vanilla, obs, noise), self.loss_of_output(forward.attention, obs, noise)
 
     def vanilla_and_attention_actions(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The deterministic vanilla and attention actions ``[B, A]`` and the feature scale ``[B, F]``."""
-        actor_params = self.actor_params()
-        scale = self.attention_scale(tree.params_of(self.meta_net), actor_params, obs)
-        vanilla = self.mean_action(apply(self.actor, actor_params, obs))
-        attended = self.mean_action(apply(self.actor, actor_params, obs, scale))
-        return vanilla, attended, scale
+        forward = self.attention_forward(tree.params_of(self.meta_net), self.actor_params(), obs)
+        return self.mean_action(forward.vanilla), self.mean_action(forward.attention), forward.scale
 
     def decide(self, obs: Tensor, explore: bool) -> Tensor:
         if not self.config.dance_twice:
             return super().decide(obs, explore)
-        vanilla, attended, scale = self.vanilla_and_attention_actions(obs)
+        forward = self.attention_forward(tree.params_of(self.meta_net), self.actor_params(), obs)
         critic = self.critic_constants()
-        prefer_attention = choose_by_q(self.q1(critic, obs, vanilla), self.q1(critic, obs, attended))
-        chosen_scale = torch.where(prefer_attention[:, None], scale, torch.ones_like(scale))
-        output = apply(self.actor, self.actor_params(), obs, chosen_scale)
+        prefer_attention = choose_by_q(self.q1(critic, obs, self.mean_action(forward.vanilla)),
+                                       self.q1(critic, obs, self.mean_action(forward.attention)))
+        chosen_scale = torch.where(prefer_attention[:, None], forward.scale, torch.ones_like(forward.scale))
+        output = self.actor_output(self.actor_params(), obs, chosen_scale, forward.features)
         return self.exploring_action(output) if explore else self.mean_action(output)
 
-    def analyse(self, visited_obs: Tensor) -> dict[str, float]:
+    def analyse(self, visited_obs: Tensor, episode: Tensor) -> dict[str, float]:
+        """Section 4.3 on the evaluation states ``[N, D]``: the mean ``Q1(s, pi'_psi(s)) - Q1(s, pi_phi(s))``,
+        the fraction of states where the attention action wins, the mean scale; and, kept for
+        `analysis_arrays`, the first ``analysis_states`` consecutive states of episode 0 with their
+        actor features ``pi_bar(s)`` and attention features ``pi_bar(s) * scale_psi(s)``, both ``[n, F]``."""
         with torch.no_grad():
             vanilla, attended, scale = self.vanilla_and_attention_actions(visited_obs)
             critic = self.critic_constants()
-            q_gap = self.q1(critic, visited_obs, attended) - self.q1(critic, visited_obs, vanilla)
+            q_vanilla, q_attention = self.q1(critic, visited_obs, vanilla), self.q1(critic, visited_obs, attended)
+            q_gap = q_attention - q_vanilla
+            first = torch.nonzero(episode == 0).squeeze(-1)[: self.config.analysis_states]
+            features = self.actor_features(self.actor_params(), visited_obs[first])
+            self._analysis = {"obs": visited_obs[first].cpu(), "actor_features": features.cpu(),
+                              "attention_features": (features * scale[first]).cpu(),
+                              "q_vanilla": q_vanilla[first].cpu(), "q_attention": q_attention[first].cpu()}
         return {"q_attention_minus_vanilla": float(q_gap.mean()),
                 "attention_preferred": float((q_gap > 0).float().mean()),
                 "attention_scale_mean": float(scale.mean())}
+
+    def analysis_arrays(self) -> dict[str, Tensor]:
+        """The latest evaluation's arrays of `analyse` (none before the first evaluation or with
+        ``analysis_states = 0``)."""
+        analysis = getattr(self, "_analysis", {})
+        return analysis if self.config.analysis_states and analysis else {}
+
+    @staticmethod
+    def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+        """Section 4.3's figures: ``ALGORITHM_q_gap.png``, the mean ``Q1(s, pi'_psi(s)) - Q1(s, pi_phi(s))``
+        over evaluation states against env steps with a 95% band over the seeds of each config, and
+        ``ALGORITHM_tsne.png`` (`plot_feature_embeddings`) for the first run that saved features."""
+        return plot_q_gap(run_dirs, out_dir) + plot_feature_embeddings(run_dirs, out_dir)
 
 
 VARIANTS: dict[str, type[Learner]] = {}
@@ -276,3 +349,104 @@ def make_variant(name: str, mixin: type, mixin_config: type, base: type[OffPolic
 for _name, _base in (("ddpg", DDPG), ("td3", TD3), ("sac", SAC)):
     make_variant(f"{_name}-matt", MetaAttention, MetaAttentionConfig, _base)
     make_variant(f"{_name}-matt-dt", MetaAttention, MetaAttentionConfig, _base, dance_twice=True)
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install 'bilevel[plot]'") from None
+    return plt
+
+
+def plot_q_gap(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    """``ALGORITHM_q_gap.png``: the evaluation metric ``q_attention_minus_vanilla`` against ``env_steps``,
+    mean and 95% band over the seeds of each config group of ``run_dirs`` (all one algorithm)."""
+    from bilevel.runs.folder import RunFolder, metric_series
+    from bilevel.runs.plot import group_by_config, seed_band
+
+    folders = [RunFolder(d) for d in run_dirs]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, group in group_by_config(folders).items():
+        curves = [metric_series(f.read_metrics(), "env_steps", "q_attention_minus_vanilla") for f in group]
+        if not any(x for x, _ in curves):
+            continue
+        grid, mean, low, high = seed_band(curves)
+        ax.plot(grid, mean, label=f"{label} ({len(group)} seeds)")
+        ax.fill_between(grid, low, high, alpha=0.25)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("env_steps")
+    ax.set_ylabel("mean Q1(s, attention action) - Q1(s, vanilla action)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    algorithm = folders[0].read_config()[0]
+    out = Path(out_dir) / f"{algorithm}_q_gap.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return [out]
+
+
+def embed_2d(points: Tensor, seed: int = 0) -> tuple[Tensor, str]:
+    """A 2-D embedding ``[N, 2]`` of ``points [N, F]``: scikit-learn's t-SNE (perplexity
+    ``min(30, (N - 1) / 3)``, PCA initialisation), or PCA where scikit-learn is not installed.
+    Returns the embedding and the method's name."""
+    points = points.double()
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        centred = points - points.mean(0)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        return centred @ v[:2].T, "PCA (scikit-learn not installed)"
+    from threadpoolctl import threadpool_limits
+
+    perplexity = max(1.0, min(30.0, (points.shape[0] - 1) / 3))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    with threadpool_limits(torch.get_num_threads()):
+        return torch.as_tensor(tsne.fit_transform(points.numpy())), "t-SNE"
+
+
+def plot_feature_embeddings(run_dirs: list[Path], out_dir: Path, stages: int = 5) -> list[Path]:
+    """``ALGORITHM_tsne.png`` after the paper's Figure 6 (b-e): for the first of ``run_dirs`` with saved
+    features (``RUN/analysis``), at up to ``stages`` checkpoints spread over training, the per-state
+    ``Q1(s, pi'_psi(s)) - Q1(s, pi_phi(s))`` along consecutive evaluation steps (left) and a 2-D
+    embedding of the actor features (blue) and the attention features (red) of those states (right)."""
+    from bilevel.runs.folder import RunFolder
+    from bilevel.runs.loop import ANALYSIS_DIR
+
+    for run in run_dirs:
+        files = sorted((Path(run) / ANALYSIS_DIR).glob("iteration-*.pt"))
+        if files:
+            break
+    else:
+        return []
+    picks = sorted({round(i * (len(files) - 1) / max(1, stages - 1)) for i in range(min(stages, len(files)))})
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(picks), 2, figsize=(9, 2.8 * len(picks)), squeeze=False)
+    for row, index in zip(axes, picks, strict=True):
+        data = torch.load(files[index], weights_only=True)
+        gap = (data["q_attention"] - data["q_vanilla"]).numpy()
+        row[0].plot(gap, lw=0.8)
+        row[0].axhline(0.0, color="black", lw=0.6)
+        row[0].set_ylabel("Q(att) - Q(van)")
+        row[0].set_title(f"{data['env_steps']} env steps: per-state Q gap", fontsize=8)
+        count = data["actor_features"].shape[0]
+        embedding, method = embed_2d(torch.cat([data["actor_features"], data["attention_features"]]))
+        row[1].scatter(*embedding[:count].T.numpy(), s=4, c="tab:blue", label="actor features")
+        row[1].scatter(*embedding[count:].T.numpy(), s=4, c="tab:red", label="attention features")
+        row[1].set_title(f"{method} of {count} + {count} features", fontsize=8)
+        row[1].legend(fontsize=6, markerscale=2)
+    axes[-1][0].set_xlabel("evaluation step (episode 0)")
+    algorithm = RunFolder(run).read_config()[0]
+    fig.suptitle(f"{algorithm}: {Path(run).name}", fontsize=9)
+    out = Path(out_dir) / f"{algorithm}_tsne.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return [out]

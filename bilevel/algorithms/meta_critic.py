@@ -51,8 +51,17 @@ class MetaCritic(LookAheadMetaLearner):
         return mlp((self.config.hidden[-1], *self.config.meta_hidden, 1), nn.ReLU)
 
     def auxiliary_loss(self, actor_params: Tree, meta_params: Tree, obs: Tensor, noise: Tensor | None) -> Tensor:
-        features = self.actor_features(actor_params, obs)
+        return self.learned_loss(meta_params, self.actor_features(actor_params, obs))
+
+    def learned_loss(self, meta_params: Tree, features: Tensor) -> Tensor:
+        """``mean softplus(h_omega(pi_bar(s)))`` of the actor features ``[B, F]``."""
         return F.softplus(apply(self.meta_net, meta_params, features)).mean()
+
+    def actor_and_auxiliary_losses(self, actor_params: Tree, meta_params: Tree, obs: Tensor,
+                                   noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        features = self.actor_features(actor_params, obs)
+        vanilla = self.loss_of_output(self.actor_output(actor_params, obs, None, features), obs, noise)
+        return vanilla, self.learned_loss(meta_params, features)
 
 
 for _name, _base in (("ddpg", DDPG), ("td3", TD3), ("sac", SAC)):

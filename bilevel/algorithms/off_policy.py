@@ -31,7 +31,7 @@ import abc
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -47,7 +47,6 @@ from bilevel.runs import Learner, RunConfig, derive_seed
 from bilevel.tree import Tree
 
 __all__ = [
-    "FeatureScaleFn",
     "OffPolicyConfig",
     "OffPolicyLearner",
     "apply",
@@ -58,10 +57,6 @@ __all__ = [
 ]
 
 SEED_PURPOSES = {"train_envs": 0, "eval_envs": 1, "generator": 2}
-
-FeatureScaleFn: TypeAlias = Callable[[Tree, Tensor], Tensor]
-"""``scale_fn(actor_params, obs [B, D]) -> feature_scale [B, F]``: MATT's attention, applied to the
-actor's last hidden features (`bilevel.nets.DeterministicActor`)."""
 
 
 def check_box_env_id(env_id: str) -> None:
@@ -105,12 +100,13 @@ def clone_target(module: nn.Module) -> dict[str, Tensor]:
 
 def evaluate_policy(
     env_id: str, act: Callable[[Tensor], Tensor], episodes: int, seed: int, device: torch.device
-) -> tuple[np.ndarray, Tensor]:
+) -> tuple[np.ndarray, Tensor, Tensor]:
     """Run ``episodes`` episodes in parallel, one per sub-env (sub-env ``i`` reset with ``seed + i``),
     with ``act(obs [E, D]) -> actions [E, A]`` in [-1, 1].
 
-    Returns the undiscounted episode returns ``[episodes]`` and every observation the policy saw
-    before its episode ended, ``[N, D]`` (for analyses of the policy on its own states)."""
+    Returns the undiscounted episode returns ``[episodes]``, every observation the policy saw
+    before its episode ended, ``[N, D]`` in time order (for analyses of the policy on its own
+    states), and the episode of each, ``[N]`` (long)."""
     envs = make_vector_env(functools.partial(make_box_env, env_id), episodes)
     low, high = (torch.as_tensor(b, dtype=torch.get_default_dtype(), device=device)
                  for b in (envs.single_action_space.low, envs.single_action_space.high))
@@ -118,10 +114,12 @@ def evaluate_policy(
         obs_np, _ = envs.reset(seed=seed)
         returns = np.zeros(episodes)
         running = np.ones(episodes, dtype=bool)
-        seen = []
+        seen, seen_episode = [], []
         while running.any():
             obs = torch.as_tensor(obs_np, dtype=torch.get_default_dtype(), device=device)
-            seen.append(obs[torch.as_tensor(running, device=device)])
+            mask = torch.as_tensor(running, device=device)
+            seen.append(obs[mask])
+            seen_episode.append(torch.arange(episodes, device=device)[mask])
             with torch.no_grad():
                 actions = rescale_action(act(obs), low, high)
             obs_np, rewards, terminated, truncated, _ = envs.step(actions.cpu().numpy())
@@ -129,7 +127,7 @@ def evaluate_policy(
             running &= ~(terminated | truncated)
     finally:
         envs.close()
-    return returns, torch.cat(seen)
+    return returns, torch.cat(seen), torch.cat(seen_episode)
 
 
 @dataclasses.dataclass
@@ -235,11 +233,15 @@ class OffPolicyLearner(Learner):
         """The critic's regression loss on ``batch`` (Fujimoto et al. 2018, eq. 3 of the MATT paper)."""
 
     @abc.abstractmethod
-    def actor_loss(self, actor_params: Tree, obs: Tensor, noise: Tensor | None,
-                   scale_fn: FeatureScaleFn | None = None) -> Tensor:
-        """``L_actor(phi)`` on ``obs [B, D]`` (MATT paper, eq. 4), with the critic held constant; with
-        ``scale_fn`` the actor's features are scaled by it (the attention action, eq. 9). ``noise``
-        ``[B, A]`` fixes a stochastic actor's reparameterisation noise (None for deterministic actors)."""
+    def loss_of_output(self, output: Any, obs: Tensor, noise: Tensor | None) -> Tensor:
+        """The actor loss (MATT paper, eq. 4) of an actor output on ``obs [B, D]`` (the vanilla output
+        ``pi_phi(s)`` or the attention output ``pi'_psi(s)``, eq. 9), with the critic held constant.
+        ``noise`` ``[B, A]`` fixes a stochastic actor's reparameterisation noise (None for deterministic
+        actors)."""
+
+    def actor_loss(self, actor_params: Tree, obs: Tensor, noise: Tensor | None) -> Tensor:
+        """``L_actor(phi)`` on ``obs [B, D]``: `loss_of_output` of ``pi_phi(obs)``."""
+        return self.loss_of_output(self.actor_output(actor_params, obs), obs, noise)
 
     def actor_noise(self, batch_size: int) -> Tensor | None:
         """The reparameterisation noise ``[batch_size, A]`` of one actor-loss evaluation (None: deterministic)."""
@@ -266,11 +268,12 @@ class OffPolicyLearner(Learner):
         """The critic parameters detached: the actor losses treat the critic as fixed."""
         return tree.detach(tree.params_of(self.critic))
 
-    def actor_output(self, actor_params: Tree, obs: Tensor, scale_fn: FeatureScaleFn | None = None) -> Any:
-        """``pi_phi(obs)`` for ``obs [B, D]``, or with ``scale_fn`` the attention actor
-        ``head(features(obs) * scale_fn(phi, obs))`` (eq. 5)."""
-        scale = None if scale_fn is None else scale_fn(actor_params, obs)
-        return apply(self.actor, actor_params, obs, scale)
+    def actor_output(self, actor_params: Tree, obs: Tensor, feature_scale: Tensor | None = None,
+                     features: Tensor | None = None) -> Any:
+        """``pi_phi(obs)`` for ``obs [B, D]``, or with ``feature_scale [B, F]`` the attention actor
+        ``head(features(obs) * feature_scale)`` (eq. 5); ``features [B, F]``, when given, are
+        `actor_features` of ``obs`` already computed."""
+        return apply(self.actor, actor_params, obs, feature_scale, features)
 
     def actor_features(self, actor_params: Tree, obs: Tensor) -> Tensor:
         """The actor's last hidden features ``pi_bar(s)``, ``[B, F]``."""
@@ -371,12 +374,14 @@ class OffPolicyLearner(Learner):
             raise ValueError(f"`episodes` must be a positive integer; got {episodes!r}")
         if seed is None:
             seed = derive_seed(self.config.seed, self.iteration, SEED_PURPOSES["eval_envs"]) % 2**31
-        returns, visited = evaluate_policy(self.config.env, functools.partial(self.decide, explore=False),
-                                           episodes, seed, self.device)
-        return {"return": float(returns.mean()), "return_std": float(returns.std()), **self.analyse(visited)}
+        returns, visited, episode = evaluate_policy(self.config.env, functools.partial(self.decide, explore=False),
+                                                    episodes, seed, self.device)
+        return {"return": float(returns.mean()), "return_std": float(returns.std()),
+                **self.analyse(visited, episode)}
 
-    def analyse(self, visited_obs: Tensor) -> dict[str, float]:
-        """Statistics of the policy on the states ``[N, D]`` visited during evaluation (MATT: Q gap)."""
+    def analyse(self, visited_obs: Tensor, episode: Tensor) -> dict[str, float]:
+        """Statistics of the policy on the states ``[N, D]`` visited during evaluation, ``episode [N]``
+        the evaluation episode of each (MATT: the Q gap of section 4.3)."""
         return {}
 
     def learner_state(self) -> dict[str, Any]:

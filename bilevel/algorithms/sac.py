@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bilevel.algorithms.off_policy import FeatureScaleFn, OffPolicyConfig, OffPolicyLearner, apply, clone_target, polyak
+from bilevel.algorithms.off_policy import OffPolicyConfig, OffPolicyLearner, apply, clone_target, polyak
 from bilevel.nets import TanhGaussian, TanhGaussianActor, TwinQCritic, tanh_log_abs_det_jacobian
 from bilevel.rl import Transitions
 from bilevel.runs import register
@@ -93,9 +93,9 @@ class SAC(OffPolicyLearner):
         q1, q2 = apply(self.critic, critic_params, batch.obs, batch.actions)
         return F.mse_loss(q1, target) + F.mse_loss(q2, target)
 
-    def actor_loss(self, actor_params: Tree, obs: Tensor, noise: Tensor | None,
-                   scale_fn: FeatureScaleFn | None = None) -> Tensor:
-        actions, log_probs = squashed_action(self.actor_output(actor_params, obs, scale_fn), noise)
+    def loss_of_output(self, output: TanhGaussian, obs: Tensor, noise: Tensor) -> Tensor:
+        """``mean (alpha log pi(a~|s) - min_i Q_i(s, a~))`` at the reparameterised ``a~`` of ``noise [B, A]``."""
+        actions, log_probs = squashed_action(output, noise)
         q1, q2 = apply(self.critic, self.critic_constants(), obs, actions)
         return (self.log_alpha.detach().exp() * log_probs - torch.minimum(q1, q2)).mean()
 

@@ -48,7 +48,8 @@ def _scaled(features: Tensor, feature_scale: Tensor | None) -> Tensor:
 class DeterministicActor(nn.Module):
     """``a = tanh(W h + b)``, ``h = features(s) * feature_scale`` (DDPG/TD3; MATT's 256 -> 128 ReLU).
 
-    ``forward(obs [..., obs_dim], feature_scale [..., hidden[-1]] | None) -> [..., act_dim]``.
+    ``forward(obs [..., obs_dim], feature_scale [..., hidden[-1]] | None, features | None) -> [..., act_dim]``;
+    ``features`` ``[..., hidden[-1]]``, when given, are ``features(obs)`` already computed and only the head runs.
     """
 
     def __init__(
@@ -67,16 +68,17 @@ class DeterministicActor(nn.Module):
         self.features = mlp((obs_dim, *hidden), activation, activate_last=True)
         self.head = nn.Sequential(nn.Linear(hidden[-1], act_dim), nn.Tanh())
 
-    def forward(self, obs: Tensor, feature_scale: Tensor | None = None) -> Tensor:
+    def forward(self, obs: Tensor, feature_scale: Tensor | None = None, features: Tensor | None = None) -> Tensor:
         check_last_dim(obs, self.obs_dim, "obs")
-        return self.head(_scaled(self.features(obs), feature_scale))
+        return self.head(_scaled(self.features(obs) if features is None else features, feature_scale))
 
 
 class TanhGaussianActor(nn.Module):
     """SAC's actor: ``(mean, log_std) = head(features(s) * feature_scale)``, ``log_std`` clamped to
     [-5, 2], ``a = tanh(mean + std * eps)``.
 
-    ``forward(obs [..., obs_dim], feature_scale | None) -> TanhGaussian`` with batch shape ``[...]``;
+    ``forward(obs [..., obs_dim], feature_scale | None, features | None) -> TanhGaussian`` with batch shape
+    ``[...]`` (``features``: ``features(obs)`` already computed, as in `DeterministicActor`);
     use ``rsample_with_log_prob(generator=...)`` for the action and its corrected log-density,
     ``mode`` for the deterministic action ``tanh(mean)``.
     """
@@ -97,9 +99,11 @@ class TanhGaussianActor(nn.Module):
         self.features = mlp((obs_dim, *hidden), activation, activate_last=True)
         self.head = nn.Linear(hidden[-1], 2 * act_dim)
 
-    def forward(self, obs: Tensor, feature_scale: Tensor | None = None) -> TanhGaussian:
+    def forward(self, obs: Tensor, feature_scale: Tensor | None = None,
+                features: Tensor | None = None) -> TanhGaussian:
         check_last_dim(obs, self.obs_dim, "obs")
-        mean, raw_log_std = self.head(_scaled(self.features(obs), feature_scale)).chunk(2, dim=-1)
+        features = self.features(obs) if features is None else features
+        mean, raw_log_std = self.head(_scaled(features, feature_scale)).chunk(2, dim=-1)
         return TanhGaussian(mean, torch.clamp(raw_log_std, LOG_STD_MIN, LOG_STD_MAX))
 
 

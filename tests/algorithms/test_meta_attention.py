@@ -155,3 +155,56 @@ def test_meta_loss_can_also_train_the_moved_actor_layers():
     assert learner.updates == 31
     assert torch.isfinite(learner.actor.features[2].weight).all()
     assert not torch.equal(learner.actor.features[2].weight, before)
+
+
+@pytest.mark.parametrize("algorithm", ["td3-matt", "sac-matt", "td3-mc"])
+def test_actor_step_vanilla_gradient_gives_the_first_lookahead_step(float64, algorithm):
+    """`actor_update` reuses the actor step's vanilla gradient for eq. 8: the same meta loss and gradient
+    as unrolling both look-ahead steps."""
+    learner = build(algorithm, actor_lr=0.3)
+    generator = torch.Generator().manual_seed(2)
+    train_obs, val_obs = torch.randn(8, 3, generator=generator), torch.randn(8, 3, generator=generator)
+    train_noise, val_noise = learner.actor_noise(8), learner.actor_noise(8)
+    actor_params = learner.actor_params()
+    meta_params = tree.params_of(learner.meta_net)
+    vanilla, _ = learner.actor_and_auxiliary_losses(actor_params, tree.detach(meta_params), train_obs, train_noise)
+    grads = dict(zip(actor_params, torch.autograd.grad(vanilla, list(actor_params.values())), strict=True))
+    moved, fixed = lookahead_split(tree.detach(actor_params), "first")
+    old = {name: value - 0.3 * grads[name] for name, value in moved.items()}
+    args = (meta_params, moved, fixed, train_obs, val_obs, train_noise, val_noise)
+    reused, unrolled = learner.meta_loss(*args, old=old), learner.meta_loss(*args)
+    assert torch.allclose(reused, unrolled, rtol=1e-12, atol=1e-15)
+    for a, b in zip(torch.autograd.grad(reused, list(meta_params.values())),
+                    torch.autograd.grad(unrolled, list(meta_params.values())), strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_shared_forward_losses_equal_separate_ones():
+    learner = build("sac-matt")
+    sharpen_attention(learner)
+    obs, noise = torch.randn(16, 3), learner.actor_noise(16)
+    meta_params = tree.params_of(learner.meta_net)
+    vanilla, auxiliary = learner.actor_and_auxiliary_losses(learner.actor_params(), meta_params, obs, noise)
+    assert torch.allclose(vanilla, learner.actor_loss(learner.actor_params(), obs, noise))
+    assert torch.allclose(auxiliary, learner.auxiliary_loss(learner.actor_params(), meta_params, obs, noise))
+
+
+def test_bilevel_plot_draws_the_q_gap_curve_and_feature_embeddings(tmp_path, capsys):
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"s{seed}"
+        argv = ["train", "td3-matt", "--env", "Pendulum-v1", "--iterations", "2", "--device", "cpu", "--hidden", "8",
+                "8", "--attention-hidden", "8", "--batch-size", "8", "--steps-per-iteration", "60",
+                "--learning-starts", "30", "--eval-episodes", "1", "--checkpoint-every", "1", "--analysis-states", "40",
+                "--seed", str(seed), "--run-dir", str(run), "--no-progress"]
+        assert cli.main(argv) == 0
+        runs.append(str(run))
+    saved = torch.load(tmp_path / "s0" / "analysis" / "iteration-000002.pt", weights_only=True)
+    assert saved["env_steps"] == 120
+    assert saved["actor_features"].shape == saved["attention_features"].shape == (40, 8)
+    assert saved["q_vanilla"].shape == saved["q_attention"].shape == (40,)
+    assert cli.main(["plot", *runs, "--out", str(tmp_path / "plots" / "return.png")]) == 0
+    printed = capsys.readouterr().out
+    for name in ("td3-matt_q_gap.png", "td3-matt_tsne.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 1000
+        assert name in printed
