@@ -14,7 +14,8 @@ for a batch of ``N`` tasks ``T_i``:
 where ``pi_old,i`` is the adapted policy that collected ``D'_i`` (a constant). ``L`` and ``KL``
 recompute the adaptation, so the meta-gradient and the Fisher-vector products differentiate
 through it (second order unless ``first_order``). The adaptation and both objectives are one
-``torch.func.vmap`` over the task axis. Advantages are GAE over a linear feature baseline fitted
+``torch.func.vmap`` over the task axis. Sampling, advantages and the evaluation protocol are
+shared with BO-MRL in `bilevel.rl.meta_batches`. Advantages are GAE over a linear feature baseline fitted
 per task and batch, standardised per task. The horizon is part of the task (finite-horizon
 returns, as in pytorch-maml-rl): an episode cut at the horizon is not bootstrapped.
 
@@ -26,8 +27,6 @@ stacked over tasks ``[N, T, B, ...]``.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,24 +34,30 @@ import numpy as np
 import torch
 import torchopt
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from bilevel import tree
-from bilevel.envs import BatchedNavigation2D, goals_tensor, make_family
+from bilevel.envs import make_family
 from bilevel.inner import unroll
 from bilevel.nets import GaussianMLPPolicy, gaussian_kl
-from bilevel.rl import (
-    Trajectories,
-    collect_episodes,
-    discounted_returns,
-    fit_linear_baseline,
-    gae,
-    importance_weighted_loss,
-    linear_baseline_values,
-    make_vector_env,
-    masked_mean,
-    reinforce_loss,
-    standardize,
+from bilevel.rl import importance_weighted_loss, masked_mean, reinforce_loss
+from bilevel.rl.meta_batches import (
+    DEFAULT_HORIZONS,
+    HELD_OUT_TASKS_KEY,
+    NAVIGATION,
+    Behaviour,
+    TaskData,
+    TaskEpisodes,
+    TaskSampler,
+    action_distribution,
+    adaptation_returns,
+    behaviour_of,
+    held_out_tasks,
+    sample_gym_tasks,
+    sample_navigation,
+    space_sizes,
+    standardized_advantages,
+    task_data,
 )
 from bilevel.runs import Learner, RunConfig, derive_seed, register
 from bilevel.tree import Tree
@@ -71,51 +76,12 @@ __all__ = [
     "meta_objectives",
     "sample_gym_tasks",
     "sample_navigation",
+    "standardized_advantages",
     "task_data",
+    "trpo_metrics",
 ]
 
-NAVIGATION = "navigation-2d"
-DEFAULT_HORIZONS = {NAVIGATION: 100, "halfcheetah-vel": 200, "halfcheetah-dir": 200, "ant-dir": 200}
-"""pytorch-maml-rl's horizons: 100 steps for 2-D navigation, 200 for the MuJoCo tasks."""
-HELD_OUT_TASKS_KEY = 7_919
-"""Seeds the held-out tasks of `MAMLTRPO.evaluate` (the same for every training seed)."""
 SEED_PURPOSES = {"tasks": 0, "actions": 1, "train_envs": 2, "valid_envs": 3}
-
-
-class TaskEpisodes(NamedTuple):
-    """Whole episodes of ``N`` tasks, one per column: ``obs``/``next_obs`` ``[N, T, B, D]``,
-    ``actions`` ``[N, T, B, A]``, ``rewards`` ``[N, T, B]``, ``valid`` ``[N, T, B]`` bool (False
-    after an episode's end), ``time`` ``[N, T, B]`` int64 (``t`` on valid steps)."""
-
-    obs: Tensor
-    actions: Tensor
-    rewards: Tensor
-    next_obs: Tensor
-    valid: Tensor
-    time: Tensor
-
-    def episode_returns(self) -> Tensor:
-        """Undiscounted return of every episode, ``[N, B]``."""
-        return (self.rewards * self.valid).sum(dim=1)
-
-
-class TaskData(NamedTuple):
-    """What a policy-gradient loss reads: ``obs`` ``[.., T, B, D]``, ``actions`` ``[.., T, B, A]``,
-    standardised ``advantages`` and ``valid`` ``[.., T, B]``; a leading ``[N]`` when stacked."""
-
-    obs: Tensor
-    actions: Tensor
-    advantages: Tensor
-    valid: Tensor
-
-
-class Behaviour(NamedTuple):
-    """The policy that collected a batch, at that batch's states: ``log_probs`` ``[.., T, B]`` of the
-    actions taken, ``mean`` and ``log_std`` ``[.., T, B, A]``."""
-
-    log_probs: Tensor
-    mean: Tensor
-    log_std: Tensor
 
 
 class InnerLoop(NamedTuple):
@@ -125,39 +91,6 @@ class InnerLoop(NamedTuple):
     lr: float
     steps: int
     first_order: bool = False
-
-
-def episode_ends(valid: Tensor) -> Tensor:
-    """``[T, ...]`` bool, True at the last valid step of each column: ``valid_t and not valid_{t+1}``."""
-    next_valid = torch.cat([valid[1:], torch.zeros_like(valid[:1])])
-    return valid & ~next_valid
-
-
-def standardized_advantages(episodes: TaskEpisodes, gamma: float, gae_lambda: float) -> Tensor:
-    """One task's advantages ``[T, B]``: GAE (Schulman et al. 2016, eq. 16) over the linear feature
-    baseline ``V(s, t)`` fitted to this batch's discounted returns, standardised over valid steps.
-
-    Every episode end is terminal (finite horizon): ``G_t = sum_{l < T - t} gamma^l r_{t+l}``."""
-    ends = episode_ends(episodes.valid)
-    not_cut = torch.zeros_like(ends)
-    returns = discounted_returns(episodes.rewards, ends, not_cut, torch.zeros_like(episodes.rewards), gamma,
-                                 episodes.valid)
-    weights = fit_linear_baseline(episodes.obs, returns, episodes.time, episodes.valid)
-    values = linear_baseline_values(weights, episodes.obs, episodes.time)
-    next_values = linear_baseline_values(weights, episodes.next_obs, episodes.time + 1)
-    advantages = gae(episodes.rewards, values, next_values, ends, not_cut, gamma, gae_lambda, episodes.valid)
-    return standardize(advantages, episodes.valid)
-
-
-def task_data(episodes: TaskEpisodes, gamma: float, gae_lambda: float) -> TaskData:
-    """`TaskData` of every task of ``episodes`` (``[N, ...]``), advantages computed per task in one vmap."""
-    advantages = vmap(standardized_advantages, in_dims=(0, None, None))(episodes, gamma, gae_lambda)
-    return TaskData(episodes.obs, episodes.actions, advantages, episodes.valid)
-
-
-def action_distribution(policy: nn.Module, params: Tree, obs: Tensor) -> Any:
-    """``pi_params(. | obs)``, a ``DiagGaussian`` with batch shape ``obs.shape[:-1]``."""
-    return functional_call(policy, params, (obs,))
 
 
 def adapt(meta_params: Tree, train: TaskData, inner: InnerLoop) -> Tree:
@@ -174,17 +107,6 @@ def adapt(meta_params: Tree, train: TaskData, inner: InnerLoop) -> Tree:
 def adapt_tasks(meta_params: Tree, train: TaskData, inner: InnerLoop) -> Tree:
     """`adapt` for every task of ``train`` (``[N, ...]``) in one vmap: a tree with a leading ``[N]``."""
     return vmap(adapt, in_dims=(None, 0, None))(meta_params, train, inner)
-
-
-def behaviour_of(policy: nn.Module, adapted_params: Tree, valid: TaskData) -> Behaviour:
-    """The per-task adapted policies (tree with a leading ``[N]``) at their validation batch, detached."""
-
-    def one_task(params: Tree, obs: Tensor, actions: Tensor) -> Behaviour:
-        distribution = action_distribution(policy, params, obs)
-        return Behaviour(distribution.log_prob(actions), distribution.mean, distribution.log_std)
-
-    with torch.no_grad():
-        return vmap(one_task)(tree.detach(adapted_params), valid.obs, valid.actions)
 
 
 def task_surrogate_loss(meta_params: Tree, train: TaskData, valid: TaskData, behaviour: Behaviour,
@@ -217,73 +139,6 @@ def meta_objectives(train: TaskData, valid: TaskData, behaviour: Behaviour,
         return vmap(task_kl, in_dims=in_dims)(meta_params, train, valid, behaviour, inner).mean()
 
     return meta_loss, meta_kl
-
-
-def _actions(policy: nn.Module, params: Tree, obs: Tensor, generator: torch.Generator | None,
-             per_task: bool) -> Tensor:
-    """Actions at ``obs`` ``[N, ..., D]``: ``mean + std * eps`` (the mean when ``generator`` is None);
-    ``params`` has a leading ``[N]`` when ``per_task``."""
-
-    def mean_and_std(task_params: Tree, task_obs: Tensor) -> tuple[Tensor, Tensor]:
-        distribution = action_distribution(policy, task_params, task_obs)
-        return distribution.mean, distribution.stddev
-
-    with torch.no_grad():
-        mean, std = vmap(mean_and_std)(params, obs) if per_task else mean_and_std(params, obs)
-        if generator is None:
-            return mean
-        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-
-
-def sample_navigation(policy: nn.Module, params: Tree, goals: Tensor, episodes: int, horizon: int,
-                      generator: torch.Generator | None, *, per_task: bool) -> TaskEpisodes:
-    """``episodes`` episodes on each goal of ``goals`` ``[N, 2]``, all tasks stepped as one batch by
-    `BatchedNavigation2D`; ``generator=None`` takes the mean action."""
-    env = BatchedNavigation2D(num_envs_per_task=episodes, horizon=horizon)
-    obs = env.reset(goals)
-    steps: dict[str, list[Tensor]] = {"obs": [], "actions": [], "rewards": [], "next_obs": []}
-    for _ in range(horizon):
-        actions = _actions(policy, params, obs, generator, per_task)
-        next_obs, rewards, _, _ = env.step(actions)
-        for name, value in zip(steps, (obs, actions, rewards, next_obs), strict=True):
-            steps[name].append(value)
-        obs = next_obs
-    stacked = {name: torch.stack(values, dim=1) for name, values in steps.items()}
-    valid = torch.ones_like(stacked["rewards"], dtype=torch.bool)
-    time = torch.arange(horizon, device=goals.device)[None, :, None].expand_as(valid)
-    return TaskEpisodes(**stacked, valid=valid, time=time)
-
-
-def _pad_time(batch: Trajectories, horizon: int) -> TaskEpisodes:
-    """One task's episodes with the time axis padded by invalid zero steps to ``horizon``."""
-
-    def padded(value: Tensor) -> Tensor:
-        return torch.cat([value, value.new_zeros((horizon - value.shape[0], *value.shape[1:]))])
-
-    return TaskEpisodes(*(padded(getattr(batch, name)) for name in TaskEpisodes._fields))
-
-
-def sample_gym_tasks(family: Any, tasks: list[Any], policy: nn.Module, params: Tree, episodes: int, horizon: int,
-                     generator: torch.Generator | None, *, per_task: bool, env_seed: int, num_envs: int,
-                     asynchronous: bool = False, device: torch.device | str = "cpu") -> TaskEpisodes:
-    """``episodes`` episodes per task with `collect_episodes` on a vector env of ``num_envs`` copies of
-    ``family.make_env(task)`` (a loop over tasks); task ``i`` resets with seeds from ``env_seed + i * 10^6``."""
-    batches = []
-    for task_index, task in enumerate(tasks):
-        task_params = tree.map(lambda leaf, i=task_index: leaf[i], params) if per_task else params
-
-        def policy_fn(obs: Tensor, task_params: Tree = task_params) -> tuple[Tensor, None]:
-            return _actions(policy, task_params, obs, generator, per_task=False), None
-
-        envs = make_vector_env(functools.partial(family.make_env, task, max_episode_steps=horizon), num_envs,
-                               asynchronous=asynchronous)
-        try:
-            batch = collect_episodes(envs, policy_fn, episodes, horizon=horizon, seed=env_seed + task_index * 10**6,
-                                     device=device)
-        finally:
-            envs.close()
-        batches.append(_pad_time(batch, horizon))
-    return TaskEpisodes(*(torch.stack(values) for values in zip(*batches, strict=True)))
 
 
 @dataclasses.dataclass
@@ -376,18 +231,12 @@ class MAMLTRPO(Learner):
         super().__init__(config, device)
         self.config: MAMLTRPOConfig = config
         self.family = make_family(config.env)
-        obs_dim, act_dim = self._space_sizes()
+        obs_dim, act_dim = space_sizes(config.env, self.family)
         self.policy = GaussianMLPPolicy(obs_dim, act_dim, hidden=tuple(config.hidden),
                                         init_log_std=config.init_log_std).to(device)
         self.meta_params = tree.detach(tree.params_of(self.policy))
-
-    def _space_sizes(self) -> tuple[int, int]:
-        if self.config.env == NAVIGATION:
-            return 2, 2
-        env = self.family.make_env(self.family.sample_tasks(1, np.random.default_rng(0))[0])
-        sizes = math.prod(env.observation_space.shape), math.prod(env.action_space.shape)
-        env.close()
-        return sizes
+        self.sampler = TaskSampler(config.env, self.family, self.policy, config.episode_horizon, device,
+                                   config.num_envs, config.asynchronous)
 
     def inner_loop(self, steps: int | None = None, first_order: bool | None = None) -> InnerLoop:
         """The config's `InnerLoop`, with ``steps`` and ``first_order`` overridable."""
@@ -397,14 +246,8 @@ class MAMLTRPO(Learner):
     def sample(self, tasks: list[Any], params: Tree, generator: torch.Generator | None, *, per_task: bool,
                env_seed: int, episodes: int | None = None) -> TaskEpisodes:
         """Episodes of ``params`` (one tree, or one per task when ``per_task``) on ``tasks``."""
-        episodes = episodes or self.config.episodes_per_task
-        horizon = self.config.episode_horizon
-        if self.config.env == NAVIGATION:
-            goals = goals_tensor(tasks, device=self.device)
-            return sample_navigation(self.policy, params, goals, episodes, horizon, generator, per_task=per_task)
-        return sample_gym_tasks(self.family, tasks, self.policy, params, episodes, horizon, generator,
-                                per_task=per_task, env_seed=env_seed, num_envs=self.config.num_envs or episodes,
-                                asynchronous=self.config.asynchronous, device=self.device)
+        return self.sampler(tasks, params, generator, per_task=per_task, env_seed=env_seed,
+                            episodes=episodes or self.config.episodes_per_task)
 
     def _seed(self, purpose: str) -> int:
         return derive_seed(self.config.seed, self.iteration, SEED_PURPOSES[purpose])
@@ -437,9 +280,7 @@ class MAMLTRPO(Learner):
     def held_out_tasks(self, count: int) -> list[Any]:
         """``count`` tasks from a generator no training iteration uses; both directions for the
         direction families (two tasks, so train and test coincide)."""
-        if hasattr(self.family, "test_tasks"):
-            return self.family.test_tasks()
-        return self.family.sample_tasks(count, np.random.default_rng(derive_seed(HELD_OUT_TASKS_KEY)))
+        return held_out_tasks(self.family, count)
 
     def evaluate(self, tasks: int = 40, adaptation_steps: int | None = None, episodes: int | None = None,
                  seed: int = 0) -> dict[str, float]:
@@ -455,25 +296,16 @@ class MAMLTRPO(Learner):
                                    ("episodes", episodes, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"`{name}` must be an int >= {least}; got {value!r}")
-        held_out = self.held_out_tasks(tasks)
         generator = torch.Generator(self.device).manual_seed(derive_seed(self.config.seed, seed, HELD_OUT_TASKS_KEY))
-        env_seed = derive_seed(seed, HELD_OUT_TASKS_KEY)
-        before = self.sample(held_out, self.meta_params, generator, per_task=False, env_seed=env_seed,
-                             episodes=episodes)
-        train = task_data(before, self.config.gamma, self.config.gae_lambda)
-        adapted_params = tree.detach(adapt_tasks(self.meta_params, train, self.inner_loop(steps=adaptation_steps)))
-        after = self.sample(held_out, adapted_params, generator, per_task=True, env_seed=env_seed + 1,
-                            episodes=episodes)
-        before_mean_action = self.sample(held_out, self.meta_params, None, per_task=False, env_seed=env_seed + 2,
-                                         episodes=episodes)
-        after_mean_action = self.sample(held_out, adapted_params, None, per_task=True, env_seed=env_seed + 3,
-                                        episodes=episodes)
-        return {"return_before_stochastic": float(before.episode_returns().mean()),
-                "return_after_stochastic": float(after.episode_returns().mean()),
-                "return_before_deterministic": float(before_mean_action.episode_returns().mean()),
-                "return_after_deterministic": float(after_mean_action.episode_returns().mean()),
-                "tasks": float(len(held_out)), "adaptation_steps": float(adaptation_steps),
-                "horizon": float(self.config.episode_horizon)}
+        inner = self.inner_loop(steps=adaptation_steps)
+
+        def adapt_all(meta_params: Tree, episodes: TaskEpisodes) -> Tree:
+            return adapt_tasks(meta_params, task_data(episodes, self.config.gamma, self.config.gae_lambda), inner)
+
+        result = adaptation_returns(self.sampler, self.held_out_tasks(tasks), self.meta_params, adapt_all,
+                                    episodes=episodes, generator=generator,
+                                    env_seed=derive_seed(seed, HELD_OUT_TASKS_KEY))
+        return {**result, "adaptation_steps": float(adaptation_steps), "horizon": float(self.config.episode_horizon)}
 
     def learner_state(self) -> dict[str, Any]:
         return {"meta_params": tree.map(torch.clone, self.meta_params)}

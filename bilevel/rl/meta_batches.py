@@ -1,0 +1,328 @@
+"""Per-task episode batches for on-policy meta-RL on a task family.
+
+What MAML-TRPO and BO-MRL share: episodes of a Gaussian policy on ``N`` tasks of a family
+(2-D navigation stepped as one torch batch, the MuJoCo families through Gymnasium vector
+envs), per-task advantages, and the before/after-adaptation evaluation on held-out tasks.
+
+Shape convention: ``N`` tasks, ``T`` steps (the horizon), ``B`` episodes per task, ``D`` and
+``A`` the observation and action sizes; per-task tensors are time-major ``[T, B, ...]`` and
+stacked over tasks ``[N, T, B, ...]``. The horizon is part of the task (finite-horizon
+returns, as in pytorch-maml-rl): an episode cut at the horizon is not bootstrapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from bilevel import tree
+from bilevel.envs import BatchedNavigation2D, goals_tensor
+from bilevel.rl.baseline import fit_linear_baseline, linear_baseline_values
+from bilevel.rl.collect import collect_episodes, make_vector_env
+from bilevel.rl.returns import discounted_returns, gae
+from bilevel.rl.surrogates import standardize
+from bilevel.rl.trajectories import Trajectories
+from bilevel.runs.learner import derive_seed
+from bilevel.tree import Tree
+
+__all__ = [
+    "DEFAULT_HORIZONS",
+    "HELD_OUT_TASKS_KEY",
+    "NAVIGATION",
+    "Behaviour",
+    "TaskData",
+    "TaskEpisodes",
+    "TaskSampler",
+    "action_distribution",
+    "adaptation_returns",
+    "behaviour_of",
+    "episode_ends",
+    "held_out_tasks",
+    "policy_actions",
+    "sample_gym_tasks",
+    "sample_navigation",
+    "space_sizes",
+    "standardized_advantages",
+    "task_data",
+]
+
+NAVIGATION = "navigation-2d"
+DEFAULT_HORIZONS = {NAVIGATION: 100, "halfcheetah-vel": 200, "halfcheetah-dir": 200, "ant-dir": 200}
+"""pytorch-maml-rl's horizons: 100 steps for 2-D navigation, 200 for the MuJoCo tasks."""
+HELD_OUT_TASKS_KEY = 7_919
+"""Seeds the held-out tasks of the evaluations (the same for every training seed)."""
+
+
+class TaskEpisodes(NamedTuple):
+    """Whole episodes of ``N`` tasks, one per column: ``obs``/``next_obs`` ``[N, T, B, D]``,
+    ``actions`` ``[N, T, B, A]``, ``rewards`` ``[N, T, B]``, ``valid`` ``[N, T, B]`` bool (False
+    after an episode's end), ``time`` ``[N, T, B]`` int64 (``t`` on valid steps)."""
+
+    obs: Tensor
+    actions: Tensor
+    rewards: Tensor
+    next_obs: Tensor
+    valid: Tensor
+    time: Tensor
+
+    def episode_returns(self) -> Tensor:
+        """Undiscounted return of every episode, ``[N, B]``."""
+        return (self.rewards * self.valid).sum(dim=1)
+
+
+class TaskData(NamedTuple):
+    """What a policy-gradient loss reads: ``obs`` ``[.., T, B, D]``, ``actions`` ``[.., T, B, A]``,
+    standardised ``advantages`` and ``valid`` ``[.., T, B]``; a leading ``[N]`` when stacked."""
+
+    obs: Tensor
+    actions: Tensor
+    advantages: Tensor
+    valid: Tensor
+
+
+class Behaviour(NamedTuple):
+    """The policy that collected a batch, at that batch's states: ``log_probs`` ``[.., T, B]`` of the
+    actions taken, ``mean`` and ``log_std`` ``[.., T, B, A]``."""
+
+    log_probs: Tensor
+    mean: Tensor
+    log_std: Tensor
+
+
+def episode_ends(valid: Tensor) -> Tensor:
+    """``[T, ...]`` bool, True at the last valid step of each column: ``valid_t and not valid_{t+1}``."""
+    next_valid = torch.cat([valid[1:], torch.zeros_like(valid[:1])])
+    return valid & ~next_valid
+
+
+def standardized_advantages(episodes: TaskEpisodes, gamma: float, gae_lambda: float) -> Tensor:
+    """One task's advantages ``[T, B]``: GAE (Schulman et al. 2016, eq. 16) over the linear feature
+    baseline ``V(s, t)`` fitted to this batch's discounted returns, standardised over valid steps.
+
+    Every episode end is terminal (finite horizon): ``G_t = sum_{l < T - t} gamma^l r_{t+l}``."""
+    ends = episode_ends(episodes.valid)
+    not_cut = torch.zeros_like(ends)
+    returns = discounted_returns(
+        episodes.rewards, ends, not_cut, torch.zeros_like(episodes.rewards), gamma, episodes.valid
+    )
+    weights = fit_linear_baseline(episodes.obs, returns, episodes.time, episodes.valid)
+    values = linear_baseline_values(weights, episodes.obs, episodes.time)
+    next_values = linear_baseline_values(weights, episodes.next_obs, episodes.time + 1)
+    advantages = gae(episodes.rewards, values, next_values, ends, not_cut, gamma, gae_lambda, episodes.valid)
+    return standardize(advantages, episodes.valid)
+
+
+def task_data(episodes: TaskEpisodes, gamma: float, gae_lambda: float) -> TaskData:
+    """`TaskData` of every task of ``episodes`` (``[N, ...]``), advantages computed per task in one vmap."""
+    advantages = vmap(standardized_advantages, in_dims=(0, None, None))(episodes, gamma, gae_lambda)
+    return TaskData(episodes.obs, episodes.actions, advantages, episodes.valid)
+
+
+def action_distribution(policy: nn.Module, params: Tree, obs: Tensor) -> Any:
+    """``pi_params(. | obs)``, a ``DiagGaussian`` with batch shape ``obs.shape[:-1]``."""
+    return functional_call(policy, params, (obs,))
+
+
+def behaviour_of(policy: nn.Module, params: Tree, batch: TaskData) -> Behaviour:
+    """The per-task policies (tree with a leading ``[N]``) at their batch's states, detached."""
+
+    def one_task(task_params: Tree, obs: Tensor, actions: Tensor) -> Behaviour:
+        distribution = action_distribution(policy, task_params, obs)
+        return Behaviour(distribution.log_prob(actions), distribution.mean, distribution.log_std)
+
+    with torch.no_grad():
+        return vmap(one_task)(tree.detach(params), batch.obs, batch.actions)
+
+
+def policy_actions(
+    policy: nn.Module, params: Tree, obs: Tensor, generator: torch.Generator | None, per_task: bool
+) -> Tensor:
+    """Actions at ``obs`` ``[N, ..., D]``: ``mean + std * eps`` (the mean when ``generator`` is None);
+    ``params`` has a leading ``[N]`` when ``per_task``."""
+
+    def mean_and_std(task_params: Tree, task_obs: Tensor) -> tuple[Tensor, Tensor]:
+        distribution = action_distribution(policy, task_params, task_obs)
+        return distribution.mean, distribution.stddev
+
+    with torch.no_grad():
+        mean, std = vmap(mean_and_std)(params, obs) if per_task else mean_and_std(params, obs)
+        if generator is None:
+            return mean
+        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+
+
+def sample_navigation(
+    policy: nn.Module,
+    params: Tree,
+    goals: Tensor,
+    episodes: int,
+    horizon: int,
+    generator: torch.Generator | None,
+    *,
+    per_task: bool,
+) -> TaskEpisodes:
+    """``episodes`` episodes on each goal of ``goals`` ``[N, 2]``, all tasks stepped as one batch by
+    `BatchedNavigation2D`; ``generator=None`` takes the mean action."""
+    env = BatchedNavigation2D(num_envs_per_task=episodes, horizon=horizon)
+    obs = env.reset(goals)
+    steps: dict[str, list[Tensor]] = {"obs": [], "actions": [], "rewards": [], "next_obs": []}
+    for _ in range(horizon):
+        actions = policy_actions(policy, params, obs, generator, per_task)
+        next_obs, rewards, _, _ = env.step(actions)
+        for name, value in zip(steps, (obs, actions, rewards, next_obs), strict=True):
+            steps[name].append(value)
+        obs = next_obs
+    stacked = {name: torch.stack(values, dim=1) for name, values in steps.items()}
+    valid = torch.ones_like(stacked["rewards"], dtype=torch.bool)
+    time = torch.arange(horizon, device=goals.device)[None, :, None].expand_as(valid)
+    return TaskEpisodes(**stacked, valid=valid, time=time)
+
+
+def _pad_time(batch: Trajectories, horizon: int) -> TaskEpisodes:
+    """One task's episodes with the time axis padded by invalid zero steps to ``horizon``."""
+
+    def padded(value: Tensor) -> Tensor:
+        return torch.cat([value, value.new_zeros((horizon - value.shape[0], *value.shape[1:]))])
+
+    return TaskEpisodes(*(padded(getattr(batch, name)) for name in TaskEpisodes._fields))
+
+
+def sample_gym_tasks(
+    family: Any,
+    tasks: list[Any],
+    policy: nn.Module,
+    params: Tree,
+    episodes: int,
+    horizon: int,
+    generator: torch.Generator | None,
+    *,
+    per_task: bool,
+    env_seed: int,
+    num_envs: int,
+    asynchronous: bool = False,
+    device: torch.device | str = "cpu",
+) -> TaskEpisodes:
+    """``episodes`` episodes per task with `collect_episodes` on a vector env of ``num_envs`` copies of
+    ``family.make_env(task)`` (a loop over tasks); task ``i`` resets with seeds from ``env_seed + i * 10^6``."""
+    batches = []
+    for task_index, task in enumerate(tasks):
+        task_params = tree.map(lambda leaf, i=task_index: leaf[i], params) if per_task else params
+
+        def policy_fn(obs: Tensor, task_params: Tree = task_params) -> tuple[Tensor, None]:
+            return policy_actions(policy, task_params, obs, generator, per_task=False), None
+
+        envs = make_vector_env(
+            functools.partial(family.make_env, task, max_episode_steps=horizon), num_envs, asynchronous=asynchronous
+        )
+        try:
+            batch = collect_episodes(
+                envs, policy_fn, episodes, horizon=horizon, seed=env_seed + task_index * 10**6, device=device
+            )
+        finally:
+            envs.close()
+        batches.append(_pad_time(batch, horizon))
+    return TaskEpisodes(*(torch.stack(values) for values in zip(*batches, strict=True)))
+
+
+def space_sizes(env: str, family: Any) -> tuple[int, int]:
+    """``(D, A)``, the flat observation and action sizes of ``env``'s tasks."""
+    if env == NAVIGATION:
+        return 2, 2
+    instance = family.make_env(family.sample_tasks(1, np.random.default_rng(0))[0])
+    sizes = math.prod(instance.observation_space.shape), math.prod(instance.action_space.shape)
+    instance.close()
+    return sizes
+
+
+def held_out_tasks(family: Any, count: int, key: int = HELD_OUT_TASKS_KEY) -> list[Any]:
+    """``count`` tasks from a generator seeded by ``key``, which no training iteration uses; both
+    directions for the direction families (two tasks, so train and test coincide)."""
+    if hasattr(family, "test_tasks"):
+        return family.test_tasks()
+    return family.sample_tasks(count, np.random.default_rng(derive_seed(key)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSampler:
+    """Episodes of ``policy`` on tasks of ``env``'s ``family``, ``horizon`` steps each: navigation as
+    one torch batch on ``device``, the MuJoCo families on vector envs of ``num_envs`` copies per task
+    (0: one per episode)."""
+
+    env: str
+    family: Any
+    policy: nn.Module
+    horizon: int
+    device: torch.device
+    num_envs: int = 0
+    asynchronous: bool = False
+
+    def __call__(
+        self,
+        tasks: list[Any],
+        params: Tree,
+        generator: torch.Generator | None,
+        *,
+        per_task: bool,
+        env_seed: int,
+        episodes: int,
+    ) -> TaskEpisodes:
+        """``episodes`` episodes per task of ``params`` (one tree, or one per task with a leading ``[N]``
+        when ``per_task``); ``generator=None`` takes the mean action."""
+        if self.env == NAVIGATION:
+            goals = goals_tensor(tasks, device=self.device)
+            return sample_navigation(self.policy, params, goals, episodes, self.horizon, generator, per_task=per_task)
+        return sample_gym_tasks(
+            self.family,
+            tasks,
+            self.policy,
+            params,
+            episodes,
+            self.horizon,
+            generator,
+            per_task=per_task,
+            env_seed=env_seed,
+            num_envs=self.num_envs or episodes,
+            asynchronous=self.asynchronous,
+            device=self.device,
+        )
+
+
+Adaptation = Callable[[Tree, TaskEpisodes], Tree]
+"""``(meta_params, episodes of N tasks) -> adapted params with a leading [N]``."""
+
+
+def adaptation_returns(
+    sample: TaskSampler,
+    tasks: list[Any],
+    meta_params: Tree,
+    adapt: Adaptation,
+    *,
+    episodes: int,
+    generator: torch.Generator,
+    env_seed: int,
+) -> dict[str, float]:
+    """Mean undiscounted return on ``tasks`` before and after one adaptation.
+
+    Per task: ``episodes`` stochastic episodes of the meta-policy (the adaptation data), the
+    adaptation on them, then stochastic and deterministic (mean-action) episodes of the
+    meta-policy and of the adapted policy, reported separately."""
+    before = sample(tasks, meta_params, generator, per_task=False, env_seed=env_seed, episodes=episodes)
+    adapted = tree.detach(adapt(meta_params, before))
+    after = sample(tasks, adapted, generator, per_task=True, env_seed=env_seed + 1, episodes=episodes)
+    before_mean_action = sample(tasks, meta_params, None, per_task=False, env_seed=env_seed + 2, episodes=episodes)
+    after_mean_action = sample(tasks, adapted, None, per_task=True, env_seed=env_seed + 3, episodes=episodes)
+    return {
+        "return_before_stochastic": float(before.episode_returns().mean()),
+        "return_after_stochastic": float(after.episode_returns().mean()),
+        "return_before_deterministic": float(before_mean_action.episode_returns().mean()),
+        "return_after_deterministic": float(after_mean_action.episode_returns().mean()),
+        "tasks": float(len(tasks)),
+    }
