@@ -1,0 +1,493 @@
+"""BO-MRL with a neural policy: one collection, many adaptation steps, an implicit hypergradient.
+
+Xu et al. 2024, "Meta-Reinforcement Learning with Universal Policy Adaptation" (arXiv 2410.09728),
+the neural (MuJoCo) setting; the tabular setting is `bilevel.algorithms.bomrl`. The meta-policy
+``pi_phi`` is a Gaussian MLP. Per meta-iteration, for ``N`` tasks ``T_i``:
+
+    D_i       = B episodes of pi_phi on T_i                                  (the one collection)
+    theta*_i  = argmax_theta  J^_i(theta) - lambda D(phi, theta)             (Sec. 4, "Alg")
+    J^_i(theta) - J_i(phi) = 1/(1 - gamma) E_{s ~ nu_phi, a ~ pi_phi}[pi_theta(a|s) / pi_phi(a|s) A_phi(s, a)]
+    D'_i      = B episodes of pi_{theta*_i} on T_i                           (fresh data)
+    h         = mean_i (d theta*_i / d phi)^T grad_theta J_i(theta*_i)      (Prop. 1, implicit function theorem)
+    phi      <- TRPO step along h within mean KL(pi_phi_old || pi_phi) <= delta on the D_i states
+
+The lower bound is estimated on ``D_i`` as ``mean_valid[exp(log pi_theta - log pi_phi) A]`` with
+the advantages ``A`` of MAML-RL (GAE over a linear feature baseline, standardised per task):
+the factor ``1/(1 - gamma)`` and the scale of the advantages are absorbed in ``lambda``, which is
+therefore measured in standardised-advantage units. Distances, on the states of ``D_i``:
+
+- D1: ``mean_valid KL(pi_phi(.|s) || pi_theta(.|s))``;
+- D2: ``mean_valid KL(pi_theta(.|s) || pi_phi(.|s))``;
+- D3: ``||theta - phi||^2`` over all parameters.
+
+The adaptation is ``steps`` Adam steps (`bilevel.inner.unroll`) from ``phi`` on the negated
+regularised objective; its solution is differentiated by `bilevel.implicit_root` on the
+optimality condition ``F(theta, phi) = grad_theta [lambda D(phi, theta) - J^(theta)] = 0``: conjugate
+gradient on the Hessian of the regularised objective, damped, with diagnostics. As in the
+paper's hypergradient, the data ``D_i`` (states, actions, advantages, ``log pi_phi`` at
+collection) are constants: ``phi`` enters the optimality condition only through ``D``. The
+right-hand side ``grad_theta J_i(theta*_i)`` is the policy gradient on ``D'_i``. The outer step is
+`bilevel.trpo_step` on the linear loss ``<h, phi - phi_old>``, whose gradient is ``h``: its
+line search accepts the first fraction of the natural-gradient step within the KL radius.
+
+Shape convention: ``N`` tasks, ``T`` steps, ``B`` episodes per task, ``D`` and ``A`` the
+observation and action sizes; per-task tensors ``[T, B, ...]``, stacked ``[N, T, B, ...]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from bilevel import tree
+from bilevel.algorithms.maml_trpo import SEED_PURPOSES, trpo_metrics
+from bilevel.envs import make_family
+from bilevel.implicit import ImplicitDiagnostics, LinearSolveWarning, implicit_root
+from bilevel.inner import adam, unroll
+from bilevel.nets import GaussianMLPPolicy, gaussian_kl
+from bilevel.rl import importance_weighted_loss, masked_mean, reinforce_loss
+from bilevel.rl.meta_batches import (
+    DEFAULT_HORIZONS,
+    HELD_OUT_TASKS_KEY,
+    NAVIGATION,
+    TaskData,
+    TaskEpisodes,
+    TaskSampler,
+    action_distribution,
+    adaptation_returns,
+    held_out_tasks,
+    space_sizes,
+    task_data,
+)
+from bilevel.runs import Learner, RunConfig, derive_seed, register
+from bilevel.tree import Tree
+from bilevel.trpo import trpo_step
+
+__all__ = [
+    "DISTANCES",
+    "Adaptation",
+    "AdaptationBatch",
+    "BOMRLNeural",
+    "BOMRLNeuralConfig",
+    "adapt_tasks",
+    "adaptation_batches",
+    "adaptation_loss",
+    "adaptation_residual",
+    "distance",
+    "implicit_adaptation",
+    "lower_bound_gain",
+    "meta_kl",
+    "policy_gradient",
+    "solve_adaptation",
+]
+
+DISTANCES = ("D1", "D2", "D3")
+
+
+class AdaptationBatch(NamedTuple):
+    """One task's collection by ``pi_phi``, constant during adaptation: ``obs`` ``[T, B, D]``,
+    ``actions`` ``[T, B, A]``, standardised ``advantages`` ``[T, B]``, ``weights`` ``[T, B]`` (1.0 on
+    valid steps, 0.0 on padding) and ``log_probs`` ``[T, B]``, ``log pi_phi(a|s)`` at collection.
+    A leading ``[N]`` when stacked over tasks."""
+
+    obs: Tensor
+    actions: Tensor
+    advantages: Tensor
+    weights: Tensor
+    log_probs: Tensor
+
+
+class Adaptation(NamedTuple):
+    """The within-task algorithm: ``steps`` Adam steps (learning rate ``lr``) on the lower bound
+    minus ``lam`` times the ``distance`` (``D1``, ``D2`` or ``D3``) of ``policy``'s parameters."""
+
+    policy: nn.Module
+    distance: str
+    lam: float
+    lr: float
+    steps: int
+
+
+def adaptation_batches(policy: nn.Module, meta_params: Tree, data: TaskData) -> AdaptationBatch:
+    """The `AdaptationBatch` of every task of ``data`` (``[N, ...]``), collected by ``meta_params``."""
+    with torch.no_grad():
+        log_probs = action_distribution(policy, meta_params, data.obs).log_prob(data.actions)
+    return AdaptationBatch(data.obs, data.actions, data.advantages, data.valid.to(data.advantages.dtype), log_probs)
+
+
+def lower_bound_gain(params: Tree, batch: AdaptationBatch, policy: nn.Module) -> Tensor:
+    """``J^(pi_theta) - J(pi_phi)`` up to the factor absorbed in lambda (module docstring): the
+    importance-weighted advantage ``mean_valid[pi_theta(a|s) / pi_phi(a|s) A]`` on one task's batch; scalar."""
+    log_probs = action_distribution(policy, params, batch.obs).log_prob(batch.actions)
+    return -importance_weighted_loss(log_probs, batch.log_probs, batch.advantages, batch.weights)
+
+
+def distance(params: Tree, meta_params: Tree, batch: AdaptationBatch, policy: nn.Module, kind: str) -> Tensor:
+    """``D(phi, theta)`` on one task's batch states: D1 ``mean KL(pi_phi || pi_theta)``, D2
+    ``mean KL(pi_theta || pi_phi)``, D3 ``||theta - phi||^2``; scalar."""
+    if kind == "D3":
+        gap = tree.sub(params, meta_params)
+        return tree.dot(gap, gap)
+    meta = action_distribution(policy, meta_params, batch.obs)
+    adapted = action_distribution(policy, params, batch.obs)
+    if kind == "D1":
+        kl = gaussian_kl(meta.mean, meta.log_std, adapted.mean, adapted.log_std)
+    else:
+        kl = gaussian_kl(adapted.mean, adapted.log_std, meta.mean, meta.log_std)
+    return masked_mean(kl, batch.weights)
+
+
+def adaptation_loss(params: Tree, meta_params: Tree, batch: AdaptationBatch, adaptation: Adaptation) -> Tensor:
+    """``lambda D(phi, theta) - (J^(theta) - J(phi))``, the negated regularised lower bound the
+    adaptation minimises over ``theta = params``; scalar."""
+    gain = lower_bound_gain(params, batch, adaptation.policy)
+    return adaptation.lam * distance(params, meta_params, batch, adaptation.policy, adaptation.distance) - gain
+
+
+adaptation_residual = torch.func.grad(adaptation_loss)
+"""The optimality condition ``F(theta, phi, batch, adaptation) = d adaptation_loss / d theta``, like ``theta``."""
+
+
+def solve_adaptation(init: Tree, meta_params: Tree, batch: AdaptationBatch, adaptation: Adaptation) -> Tree:
+    """``adaptation.steps`` Adam steps on `adaptation_loss` from ``init``; vmap-able over tasks."""
+    loss = functools.partial(adaptation_loss, meta_params=meta_params, batch=batch, adaptation=adaptation)
+    return unroll(loss, init, adam(adaptation.lr), adaptation.steps)
+
+
+def implicit_adaptation(
+    batch: AdaptationBatch,
+    adaptation: Adaptation,
+    solver: Callable[[Tree, Tree, AdaptationBatch, Adaptation], Tree] = solve_adaptation,
+    **solve_options: Any,
+) -> Callable[[Tree], Tree]:
+    """``phi -> theta*(phi)`` for one task: ``solver(phi, phi, batch, adaptation)`` (`solve_adaptation`
+    by default, any solver of `adaptation_loss`), differentiable in ``phi`` by `implicit_root` (CG with
+    ``solve_options``: ``max_iter``, ``tol``, ``damping``) on `adaptation_residual`. The returned
+    function's ``diagnostics`` hold the last backward pass's solve."""
+    residual = functools.partial(adaptation_residual, batch=batch, adaptation=adaptation)
+    decorated = implicit_root(residual, solve="cg", **solve_options)(
+        functools.partial(solver, batch=batch, adaptation=adaptation)
+    )
+
+    def adapted(meta_params: Tree) -> Tree:
+        return decorated(meta_params, meta_params)
+
+    adapted.diagnostics = decorated.diagnostics  # type: ignore[attr-defined]
+    return adapted
+
+
+def adapt_tasks(meta_params: Tree, batches: AdaptationBatch, adaptation: Adaptation) -> Tree:
+    """`solve_adaptation` from ``meta_params`` for every task of ``batches`` (``[N, ...]``) in one
+    vmap, without a hypergradient: a tree with a leading ``[N]``."""
+    solve = functools.partial(solve_adaptation, adaptation=adaptation)
+    return vmap(solve, in_dims=(None, None, 0))(meta_params, meta_params, batches)
+
+
+def policy_gradient(policy: nn.Module, adapted_params: Tree, fresh: TaskData) -> Tree:
+    """``-grad_theta J_i(theta)`` at each task's adapted parameters (leading ``[N]``) by REINFORCE
+    on its fresh batch (``[N, ...]``): the cotangent of the hypergradient, ``[N]``-leading tree."""
+
+    def task_loss(params: Tree, obs: Tensor, actions: Tensor, advantages: Tensor, valid: Tensor) -> Tensor:
+        log_probs = action_distribution(policy, params, obs).log_prob(actions)
+        return reinforce_loss(log_probs, advantages, valid)
+
+    return vmap(torch.func.grad(task_loss))(tree.detach(adapted_params), *fresh)
+
+
+def meta_kl(policy: nn.Module, old_params: Tree, data: TaskData) -> Callable[[Tree], Tensor]:
+    """``phi -> mean_valid KL(pi_phi_old(.|s) || pi_phi(.|s))`` over the states of every task of ``data``."""
+    with torch.no_grad():
+        old = action_distribution(policy, old_params, data.obs)
+        old_mean, old_log_std = old.mean, old.log_std
+
+    def kl(params: Tree) -> Tensor:
+        new = action_distribution(policy, params, data.obs)
+        return masked_mean(gaussian_kl(old_mean, old_log_std, new.mean, new.log_std), data.valid)
+
+    return kl
+
+
+@dataclasses.dataclass
+class BOMRLNeuralConfig(RunConfig):
+    """BO-MRL with a Gaussian MLP policy; the adaptation defaults are the authors' HalfCheetah-vel ones."""
+
+    env: str = NAVIGATION
+    """The task family: navigation-2d, halfcheetah-vel, halfcheetah-dir or ant-dir."""
+    iterations: int = 500
+    """Meta-iterations."""
+    meta_batch_size: int = 10
+    """Tasks sampled per meta-iteration (the authors: 10 for HalfCheetah-vel)."""
+    episodes_per_task: int = 20
+    """Episodes per task in the one collection and again in the fresh batch (the authors: 20)."""
+    horizon: int = 0
+    """Steps per episode; 0 takes the family's (100 for navigation-2d, 200 for the MuJoCo tasks)."""
+    distance: str = "D1"
+    """The adaptation's distance: D1 = KL(pi_phi || pi), D2 = KL(pi || pi_phi), D3 = ||theta - phi||^2."""
+    lam: float = 0.5
+    """The distance weight lambda > 0, in standardised-advantage units (the authors: 0.5)."""
+    adapt_lr: float = 1e-3
+    """Adam learning rate of the adaptation (the authors: 1e-3)."""
+    adapt_steps: int = 50
+    """Adam steps of the adaptation on the one collection (the authors: 50)."""
+    implicit_cg_iters: int = 10
+    """Conjugate-gradient iterations of the hypergradient's linear solve (the authors: 10)."""
+    implicit_damping: float = 1e-2
+    """Damping added to the Hessian of the regularised objective in that solve."""
+    implicit_tol: float = 1e-2
+    """Relative residual under which that solve counts as converged (diagnostics and warning)."""
+    max_kl: float = 0.01
+    """The TRPO trust-region radius delta on the meta-policy's mean KL."""
+    cg_iters: int = 10
+    """Conjugate-gradient iterations for the TRPO natural-gradient direction."""
+    cg_damping: float = 1e-5
+    """Damping added to the Fisher matrix in the TRPO solve."""
+    ls_backtracks: int = 15
+    """Line-search steps tried."""
+    ls_ratio: float = 0.8
+    """Line-search step shrink factor."""
+    gamma: float = 0.99
+    """Discount factor of the advantages."""
+    gae_lambda: float = 1.0
+    """GAE lambda (1: discounted returns minus the baseline)."""
+    hidden: tuple[int, ...] = (64, 64)
+    """Hidden sizes of the tanh MLP that gives the Gaussian policy's mean."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of the policy (state-independent)."""
+    num_envs: int = 0
+    """MuJoCo families: sub-environments per task's vector env; 0 means episodes_per_task."""
+    asynchronous: bool = False
+    """MuJoCo families: step the sub-environments in worker processes."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.distance not in DISTANCES:
+            raise ValueError(f"unknown `distance` {self.distance!r}; choose one of {list(DISTANCES)}")
+        positive = (
+            "meta_batch_size",
+            "episodes_per_task",
+            "adapt_steps",
+            "implicit_cg_iters",
+            "cg_iters",
+            "ls_backtracks",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
+        for name in ("horizon", "num_envs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
+        for name in ("lam", "adapt_lr", "max_kl"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be > 0; got {getattr(self, name)}")
+        for name in ("implicit_damping", "implicit_tol", "cg_damping"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
+        if not 0 < self.ls_ratio < 1:
+            raise ValueError(f"`ls_ratio` must lie in (0, 1); got {self.ls_ratio}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` must lie in [0, 1]; got {getattr(self, name)}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError(f"`hidden` must be one or more sizes >= 1; got {self.hidden}")
+
+    @property
+    def episode_horizon(self) -> int:
+        """``horizon``, or the family's default when it is 0."""
+        return self.horizon or DEFAULT_HORIZONS[self.env]
+
+
+def _mean_diagnostics(records: list[ImplicitDiagnostics]) -> dict[str, float]:
+    return {
+        "implicit_cg_iterations": float(np.mean([r.iterations for r in records])),
+        "implicit_cg_residual": float(np.mean([r.residual_norm for r in records])),
+        "implicit_cg_converged": float(np.mean([r.converged for r in records])),
+    }
+
+
+@register("bomrl-neural")
+class BOMRLNeural(Learner):
+    """BO-MRL (Xu et al. 2024) with a Gaussian MLP policy on 2-D navigation, HalfCheetah velocity and
+    direction and Ant direction. Tasks, actions and environment seeds are drawn like MAML-TRPO's, so the
+    two see the same tasks at every iteration for the same seed."""
+
+    Config = BOMRLNeuralConfig
+    envs = (NAVIGATION, "halfcheetah-vel", "halfcheetah-dir", "ant-dir")
+    config: BOMRLNeuralConfig
+
+    def __init__(self, config: BOMRLNeuralConfig, device: torch.device) -> None:
+        super().__init__(config, device)
+        self.family = make_family(config.env)
+        obs_dim, act_dim = space_sizes(config.env, self.family)
+        self.policy = GaussianMLPPolicy(
+            obs_dim, act_dim, hidden=tuple(config.hidden), init_log_std=config.init_log_std
+        ).to(device)
+        self.meta_params = tree.detach(tree.params_of(self.policy))
+        self.sampler = TaskSampler(
+            config.env, self.family, self.policy, config.episode_horizon, device, config.num_envs, config.asynchronous
+        )
+
+    def adaptation(self, steps: int | None = None) -> Adaptation:
+        """The config's `Adaptation`, with ``steps`` overridable."""
+        config = self.config
+        return Adaptation(
+            self.policy, config.distance, config.lam, config.adapt_lr, config.adapt_steps if steps is None else steps
+        )
+
+    def _seed(self, purpose: str) -> int:
+        return derive_seed(self.config.seed, self.iteration, SEED_PURPOSES[purpose])
+
+    def step(self) -> dict[str, float]:
+        """One meta-iteration (module docstring). An unconverged hypergradient solve does not warn
+        here: ``implicit_cg_converged`` (the fraction of tasks) and ``implicit_cg_residual`` record it."""
+        config = self.config
+        tasks = self.family.sample_tasks(config.meta_batch_size, np.random.default_rng(self._seed("tasks")))
+        generator = torch.Generator(self.device).manual_seed(self._seed("actions"))
+        adaptation = self.adaptation()
+        meta_params = self.meta_params
+
+        train_episodes = self.sampler(
+            tasks,
+            meta_params,
+            generator,
+            per_task=False,
+            env_seed=self._seed("train_envs"),
+            episodes=config.episodes_per_task,
+        )
+        train = task_data(train_episodes, config.gamma, config.gae_lambda)
+        batches = adaptation_batches(self.policy, meta_params, train)
+
+        adapted, pullbacks, solvers = [], [], []
+        for task in range(len(tasks)):
+            batch = AdaptationBatch(*(field[task] for field in batches))
+            solver = implicit_adaptation(
+                batch,
+                adaptation,
+                max_iter=config.implicit_cg_iters,
+                tol=config.implicit_tol,
+                damping=config.implicit_damping,
+            )
+            theta, pullback = torch.func.vjp(solver, meta_params)
+            adapted.append(tree.detach(theta))
+            pullbacks.append(pullback)
+            solvers.append(solver)
+        adapted_params = tree.map(lambda *leaves: torch.stack(leaves), *adapted)
+
+        fresh_episodes = self.sampler(
+            tasks,
+            adapted_params,
+            generator,
+            per_task=True,
+            env_seed=self._seed("valid_envs"),
+            episodes=config.episodes_per_task,
+        )
+        fresh = task_data(fresh_episodes, config.gamma, config.gae_lambda)
+        cotangents = policy_gradient(self.policy, adapted_params, fresh)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LinearSolveWarning)
+            per_task = [
+                pullback(tree.map(lambda leaf, i=i: leaf[i], cotangents))[0] for i, pullback in enumerate(pullbacks)
+            ]
+        hypergradient = tree.scale(tree.map(lambda *leaves: torch.stack(leaves).sum(0), *per_task), 1 / len(tasks))
+
+        def linear_loss(params: Tree) -> Tensor:
+            return tree.dot(hypergradient, tree.sub(params, meta_params))
+
+        self.meta_params, info = trpo_step(
+            linear_loss,
+            meta_kl(self.policy, meta_params, train),
+            meta_params,
+            max_kl=config.max_kl,
+            cg_iters=config.cg_iters,
+            damping=config.cg_damping,
+            backtrack_ratio=config.ls_ratio,
+            max_backtracks=config.ls_backtracks,
+        )
+        self.env_steps += int(train_episodes.valid.sum()) + int(fresh_episodes.valid.sum())
+        return_before = float(train_episodes.episode_returns().mean())
+        return_after = float(fresh_episodes.episode_returns().mean())
+        return {
+            "return": return_after,
+            "return_before": return_before,
+            "return_after": return_after,
+            "hypergradient_norm": float(tree.norm(hypergradient)),
+            **self._adaptation_metrics(meta_params, adapted_params, batches, adaptation),
+            **_mean_diagnostics([solver.diagnostics for solver in solvers]),
+            **trpo_metrics(info),
+        }
+
+    @staticmethod
+    def _adaptation_metrics(
+        meta_params: Tree, adapted_params: Tree, batches: AdaptationBatch, adaptation: Adaptation
+    ) -> dict[str, float]:
+        """Means over tasks of the regularised objective's gain, the distance reached and the
+        optimality residual's norm at the adapted parameters (0 at an exact stationary point)."""
+
+        def per_task(theta: Tree, batch: AdaptationBatch) -> tuple[Tensor, Tensor, Tensor]:
+            gain = adaptation_loss(meta_params, meta_params, batch, adaptation) - adaptation_loss(
+                theta, meta_params, batch, adaptation
+            )
+            reached = distance(theta, meta_params, batch, adaptation.policy, adaptation.distance)
+            return gain, reached, tree.norm(adaptation_residual(theta, meta_params, batch, adaptation))
+
+        gain, reached, residual = vmap(per_task)(adapted_params, batches)
+        return {
+            "adaptation_gain": float(gain.mean()),
+            "adaptation_gain_min": float(gain.min()),
+            "adaptation_distance": float(reached.mean()),
+            "adaptation_residual": float(residual.mean()),
+        }
+
+    def held_out_tasks(self, count: int) -> list[Any]:
+        """``count`` tasks from a generator no training iteration uses (`held_out_tasks`)."""
+        return held_out_tasks(self.family, count)
+
+    def evaluate(
+        self, tasks: int = 40, adaptation_steps: int | None = None, episodes: int | None = None, seed: int = 0
+    ) -> dict[str, float]:
+        """Mean undiscounted return on held-out tasks before and after one adaptation.
+
+        Per task: ``episodes`` stochastic episodes of the meta-policy (the one collection),
+        ``adaptation_steps`` Adam steps of the regularised lower bound on them (default: the
+        config's ``adapt_steps``), then stochastic and deterministic (mean-action) episodes of
+        the meta-policy and the adapted policy, reported separately (`adaptation_returns`)."""
+        adaptation_steps = self.config.adapt_steps if adaptation_steps is None else adaptation_steps
+        episodes = self.config.episodes_per_task if episodes is None else episodes
+        for name, value, least in (
+            ("tasks", tasks, 1),
+            ("adaptation_steps", adaptation_steps, 0),
+            ("episodes", episodes, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"`{name}` must be an int >= {least}; got {value!r}")
+        generator = torch.Generator(self.device).manual_seed(derive_seed(self.config.seed, seed, HELD_OUT_TASKS_KEY))
+        adaptation = self.adaptation(steps=adaptation_steps)
+
+        def adapt_all(meta_params: Tree, episodes: TaskEpisodes) -> Tree:
+            data = task_data(episodes, self.config.gamma, self.config.gae_lambda)
+            return adapt_tasks(meta_params, adaptation_batches(self.policy, meta_params, data), adaptation)
+
+        result = adaptation_returns(
+            self.sampler,
+            self.held_out_tasks(tasks),
+            self.meta_params,
+            adapt_all,
+            episodes=episodes,
+            generator=generator,
+            env_seed=derive_seed(seed, HELD_OUT_TASKS_KEY),
+        )
+        return {**result, "adaptation_steps": float(adaptation_steps), "horizon": float(self.config.episode_horizon)}
+
+    def learner_state(self) -> dict[str, Any]:
+        return {"meta_params": tree.map(torch.clone, self.meta_params)}
+
+    def load_learner_state(self, state: dict[str, Any]) -> None:
+        tree.check_same_structure(state["meta_params"], self.meta_params, ("saved meta_params", "meta_params"))
+        self.meta_params = tree.map(lambda saved: saved.to(self.device), state["meta_params"])
