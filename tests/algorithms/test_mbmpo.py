@@ -182,3 +182,36 @@ def test_bad_eval_options_raise_value_error_naming_them(runs, capsys):
     assert "episodes" in capsys.readouterr().err
     with pytest.raises(ValueError, match="temporal_weight"):
         MBMPOConfig(temporal_weight=-0.1).validate()
+
+
+def test_bilevel_plot_draws_the_mbmpo_figures(runs, tmp_path, capsys):
+    out = tmp_path / "plots" / "return.png"
+    assert cli.main(["plot", *map(str, runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    for name in ("return.png", "alpha_sweep.png", "jacobian_heatmap.png"):
+        assert (out.parent / name).stat().st_size > 0
+        assert str(out.parent / name) in printed
+
+
+def test_imagination_clips_actions_and_states_and_steps_the_model_mean():
+    torch.manual_seed(0)
+    ensemble = ProbabilisticEnsemble(17, 6, ensemble_size=2, num_elites=2, hidden=(16,), predict_reward=False)
+    policy = GaussianMLPPolicy(17, 6, hidden=(8,), init_log_std=1.0)
+    params = tree.params_of(policy, detach=True)
+    start_states = torch.randn(5, 17).expand(2, -1, -1)
+    box = (torch.full((17,), -0.5), torch.full((17,), 0.5))
+
+    def rollout(seed, **options):
+        return imagine_models(ensemble, policy, params, start_states, 4, half_cheetah_reward, None, torch.zeros(17),
+                              torch.ones(17), torch.Generator().manual_seed(seed), per_model=False, **options)
+
+    clipped = rollout(0, action_bounds=(-torch.ones(6), torch.ones(6)), state_bounds=box, model_noise=False)
+    assert clipped.actions.abs().max() > 1
+    assert clipped.next_obs.abs().max() <= 0.5
+    applied = clipped.actions.clamp(-1, 1)
+    torch.testing.assert_close(clipped.rewards, half_cheetah_reward(clipped.obs, applied, clipped.next_obs))
+    mean_step = ensemble.predict_members(clipped.obs[0], applied[0], deterministic=True).next_obs.clamp(*box)
+    torch.testing.assert_close(clipped.next_obs[0], mean_step)
+    sampled = rollout(0)
+    assert not torch.allclose(sampled.next_obs[0], ensemble.predict_members(
+        sampled.obs[0], sampled.actions[0], deterministic=True).next_obs)
