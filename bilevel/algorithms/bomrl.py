@@ -51,9 +51,11 @@ from torch import Tensor
 from torch.func import vmap
 
 from bilevel.algorithms._tabular import (
+    ESTIMATORS,
     TaskStatistics,
     collect_statistics,
     exact_statistics,
+    sample_statistics,
     softmax_policy,
 )
 from bilevel.envs import FrozenLakeTask, TabularMDP, evaluate_policy, make_family, stack_mdps, value_iteration
@@ -74,8 +76,10 @@ __all__ = [
     "exact_meta_objective",
     "forward_kl_adaptation",
     "forward_kl_multiplier",
+    "gym_episode_collection",
     "lower_bound_gain",
     "meta_test",
+    "one_round_gap_bound",
     "parameter_distance_adaptation",
     "policy_gradient_adaptation",
     "regularised_lower_bound_gain",
@@ -86,10 +90,13 @@ __all__ = [
 ]
 
 DISTANCES = ("D1", "D2", "D3")
+SAMPLERS = ("tensors", "gym")
+SPLITS = ("test", "train", "validation")
 ROOT_SEARCH_ITERATIONS = 80
 D3_GRADIENT_STEPS = 100
 D3_NEWTON_STEPS = 25
 NEWTON_MIN_CURVATURE = 1e-8
+BOUND_ROUNDS = 10
 IMPLICIT_DAMPING = 1e-12
 """Added to the implicit system's diagonal: a near-deterministic adapted policy (a logit gap above
 about 37) has curvatures below float64's resolution next to the gauge's, an exactly singular matrix."""
@@ -196,8 +203,12 @@ def parameter_distance_adaptation(
     """D3: gradient descent (`unroll`) on `adaptation_loss` from ``init``, then damped Newton steps
     (curvatures of the Hessian taken in absolute value, floored, so a step never climbs)."""
     loss = functools.partial(
-        adaptation_loss, behaviour_logits=behaviour_logits, advantages=advantages,
-        visitation=visitation, lam=lam, distance="D3",
+        adaptation_loss,
+        behaviour_logits=behaviour_logits,
+        advantages=advantages,
+        visitation=visitation,
+        lam=lam,
+        distance="D3",
     )
     curvature_bound = 2 * lam + 1 + visitation.sum() * advantages.abs().max()
     logits = unroll(loss, init, meta_sgd(1.0 / curvature_bound), D3_GRADIENT_STEPS)
@@ -291,6 +302,47 @@ def meta_test(mdps: TabularMDP, start_logits: Tensor, adapt: Adaptation, collect
     return torch.stack(returns)
 
 
+def one_round_gap_bound(
+    meta_logits: Tensor, mdps: TabularMDP, lam: float, distance: str, rounds: int = BOUND_ROUNDS
+) -> dict[str, float]:
+    """The paper's upper bound on the expected optimality gap after one round of Alg, as the authors' code
+    evaluates it (``BOMRL_discrete_my/bound_computation.py`` and ``graph.py``):
+
+        E_tau[J_tau(pi*_tau) - J_tau(Alg(pi_phi, lambda, tau))] <= lambda (1 + gamma) / (1 - gamma) E_tau K_tau,
+        K_tau = sum_s nu_phi(s) KL(pi*_tau(.|s) || pi_phi(.|s))   (D1),   KL(pi_phi || pi*_tau)   (D2),
+
+    ``nu_phi = d_phi / sum d_phi`` the meta-policy's normalised discounted visitation, probabilities
+    clipped at 1e-4 inside the KL (their ``KL``), and ``pi*_tau`` an optimal policy approximated, as
+    theirs, by ``rounds`` rounds of exact adaptation from ``pi_phi``. ``meta_logits [S_obs, A]``,
+    ``mdps`` stacked ``[N, ...]``. Returns ``bound_gap`` (the right-hand side), ``bound_kl`` (``E K``),
+    ``bound_optimal_return`` (the mean return of the ``pi*_tau`` used) and ``bound_1`` (mean optimum minus
+    ``bound_gap``, a lower bound on the mean return after one round)."""
+    if distance not in ("D1", "D2"):
+        raise ValueError(f"the bound is evaluated for D1 and D2; got `distance` {distance!r}")
+    num_tasks = mdps.transitions.shape[0]
+    start = meta_logits.expand(num_tasks, -1, -1)
+    adapt = vmap(functools.partial(adapt_logits, lam=lam, distance=distance))
+    logits = start
+    collect = exact_collection(mdps)
+    for round_index in range(rounds):
+        logits = adapt(logits, collect(logits, round_index)[0])
+    optimal = softmax_policy(logits).clamp(min=1e-4)
+    meta = softmax_policy(start).clamp(min=1e-4)
+    first, second = (optimal, meta) if distance == "D1" else (meta, optimal)
+    divergence = (first * (first.log() - second.log())).sum(dim=-1)
+    visitation = exact_collection(mdps)(start, 0)[0].visitation
+    weights = visitation / visitation.sum(dim=-1, keepdim=True)
+    kl = (weights * divergence).sum(dim=-1).mean()
+    gap = lam * (1 + mdps.gamma) / (1 - mdps.gamma) * kl
+    optimum = value_iteration(mdps).expected_return.mean()
+    return {
+        "bound_gap": float(gap),
+        "bound_kl": float(kl),
+        "bound_1": float(optimum - gap),
+        "bound_optimal_return": float(task_return(mdps, logits).mean()),
+    }
+
+
 def exact_collection(mdps: TabularMDP) -> Collection:
     """Statistics from the tasks' tensors (no environment steps)."""
 
@@ -301,9 +353,20 @@ def exact_collection(mdps: TabularMDP) -> Collection:
     return collect
 
 
-def episode_collection(tasks: list[FrozenLakeTask], episodes: int, seed: int) -> Collection:
-    """Monte-Carlo statistics of ``episodes`` episodes per task, task ``i`` of round ``r`` seeded by
-    ``derive_seed(seed, r, i)``."""
+def episode_collection(mdps: TabularMDP, episodes: int, seed: int, estimator: str = "monte_carlo") -> Collection:
+    """Statistics of ``episodes`` episodes per task drawn from the stacked ``mdps``' tensors
+    (`sample_statistics` with ``estimator``), all tasks at once; round ``r`` seeded by ``derive_seed(seed, r)``."""
+
+    def collect(logits: Tensor, round_index: int) -> tuple[TaskStatistics, int]:
+        generator = torch.Generator().manual_seed(derive_seed(seed, round_index))
+        return sample_statistics(mdps, logits, episodes, generator, estimator)
+
+    return collect
+
+
+def gym_episode_collection(tasks: list[FrozenLakeTask], episodes: int, seed: int) -> Collection:
+    """Monte-Carlo statistics of ``episodes`` episodes per task in its Gymnasium env (`collect_statistics`),
+    task ``i`` of round ``r`` seeded by ``derive_seed(seed, r, i)``; the same estimator, slower."""
 
     def collect(logits: Tensor, round_index: int) -> tuple[TaskStatistics, int]:
         results = [
@@ -327,13 +390,26 @@ class BOMRLConfig(RunConfig):
     distance: str = "D1"
     """The adaptation's distance: D1 = KL(pi_phi || pi), D2 = KL(pi || pi_phi), D3 = ||theta - phi||^2."""
     lam: float = 0.1
-    """The distance weight lambda > 0 (for D1/D2 a per-state temperature on the advantages)."""
+    """The distance weight lambda > 0 of the adaptation inside meta-training (for D1/D2 a per-state
+    temperature on the advantages)."""
+    eval_lam: float = 0.0
+    """lambda of BO-MRL's adaptation at meta-test; 0: the same as ``lam``. (The authors' code meta-trains with 5.0
+    and meta-tests with 0.1 for D1, 0.2 for D2.)"""
     tasks_per_batch: int = 5
     """Training maps drawn (with replacement) per meta-iteration (the paper: 5)."""
     episodes: int = 500
     """Episodes collected once per task with the current policy (the paper: 500)."""
     exact: bool = False
     """Use the exact advantages and visitation from the task's tensors instead of episodes."""
+    sampler: str = "tensors"
+    """Where episodes come from: ``tensors`` (drawn from the MDP's tensors, batched) or ``gym`` (the
+    Gymnasium env, one task at a time); the same distribution."""
+    estimator: str = "monte_carlo"
+    """How episodes become statistics: ``monte_carlo`` (every-visit returns, the paper's Monte-Carlo ``Q``)
+    or ``model`` (the empirical model of the visited pairs evaluated exactly; ``sampler="tensors"`` only)."""
+    num_validation: int = 0
+    """The last ``num_validation`` training maps are left out of meta-training and form the
+    ``validation`` split, for choosing hyperparameters without the held-out maps."""
     meta_lr: float = 0.03
     """Adam learning rate on the meta-logits (the paper: 0.03)."""
     adaptation_rounds: int = 4
@@ -346,6 +422,16 @@ class BOMRLConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         check_adaptation_options(self.lam, self.distance)
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown `estimator` {self.estimator!r}; choose one of {list(ESTIMATORS)}")
+        if self.estimator == "model" and self.sampler == "gym":
+            raise ValueError("`estimator` 'model' needs `sampler` 'tensors'")
+        if not self.eval_lam >= 0:
+            raise ValueError(f"`eval_lam` must be > 0, or 0 for `lam`; got {self.eval_lam}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown `sampler` {self.sampler!r}; choose one of {list(SAMPLERS)}")
+        if not 0 <= self.num_validation:
+            raise ValueError(f"`num_validation` must be >= 0; got {self.num_validation}")
         for name in ("tasks_per_batch", "episodes", "pg_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
@@ -373,7 +459,12 @@ class BOMRLLearner(Learner):
     def __init__(self, config: BOMRLConfig, device: torch.device) -> None:
         super().__init__(config, device)
         self.family = make_family(config.env)
-        mdp = self.family.train_tasks()[0].mdp
+        train = self.family.train_tasks()
+        if not config.num_validation < len(train):
+            raise ValueError(f"`num_validation` must be < the {len(train)} training maps; got {config.num_validation}")
+        self.meta_train_tasks = train[: len(train) - config.num_validation]
+        self.validation_tasks = train[len(train) - config.num_validation :]
+        mdp = train[0].mdp
         self.logits = torch.zeros(mdp.num_observable_states, mdp.rewards.shape[-1], dtype=torch.float64)
         self.optimizer = torchopt.adam(config.meta_lr)
         self.optimizer_state = self.optimizer.init(self.logits)
@@ -381,12 +472,15 @@ class BOMRLLearner(Learner):
     def step(self) -> dict[str, float]:
         config = self.config
         generator = np.random.default_rng(derive_seed(config.seed, self.iteration))
-        tasks = self.family.sample_tasks(config.tasks_per_batch, generator)
+        tasks = [
+            self.meta_train_tasks[i]
+            for i in generator.integers(len(self.meta_train_tasks), size=config.tasks_per_batch)
+        ]
         mdps = stack_mdps([task.mdp for task in tasks])
         if config.exact:
             objective = functools.partial(exact_meta_objective, mdps=mdps, lam=config.lam, distance=config.distance)
         else:
-            collect = episode_collection(tasks, config.episodes, derive_seed(config.seed, self.iteration, 1))
+            collect = self._collection(tasks, mdps, config.episodes, derive_seed(config.seed, self.iteration, 1))
             statistics, steps = collect(self.logits.expand(len(tasks), -1, -1), 0)
             self.env_steps += steps
             objective = functools.partial(
@@ -396,40 +490,73 @@ class BOMRLLearner(Learner):
         before = task_return(mdps, self.logits.expand(len(tasks), -1, -1)).mean()
         updates, self.optimizer_state = self.optimizer.update(-gradient, self.optimizer_state, inplace=False)
         self.logits = torchopt.apply_updates(self.logits, updates, inplace=False)
-        return {"return": float(before), "adapted_return": float(adapted_return),
-                "hypergradient_norm": float(gradient.norm())}
+        return {
+            "return": float(before),
+            "adapted_return": float(adapted_return),
+            "hypergradient_norm": float(gradient.norm()),
+        }
+
+    def _collection(self, tasks: list[FrozenLakeTask], mdps: TabularMDP, episodes: int, seed: int) -> Collection:
+        if self.config.sampler == "gym":
+            return gym_episode_collection(tasks, episodes, seed)
+        return episode_collection(mdps, episodes, seed, self.config.estimator)
+
+    def split_tasks(self, split: str) -> list[FrozenLakeTask]:
+        """``test``: the held-out maps; ``train``: all training maps (the paper's protocol);
+        ``validation``: the last ``num_validation`` training maps, left out of meta-training."""
+        if split not in SPLITS:
+            raise ValueError(f"`split` must be one of {list(SPLITS)}; got {split!r}")
+        if split == "validation" and not self.validation_tasks:
+            raise ValueError("`split` 'validation' needs `num_validation` > 0 at training")
+        return {
+            "test": self.family.test_tasks(),
+            "train": self.family.train_tasks(),
+            "validation": self.validation_tasks,
+        }[split]
 
     def evaluate(
-        self, rounds: int | None = None, split: str = "test", exact: bool | None = None, episodes: int | None = None
+        self,
+        rounds: int | None = None,
+        split: str = "test",
+        exact: bool | None = None,
+        episodes: int | None = None,
+        lam: float | None = None,
+        pg_lr: float | None = None,
+        baselines: bool = True,
+        bound: bool = True,
     ) -> dict[str, float]:
-        """Meta-test on ``split`` (``test``: held-out maps; ``train``: the paper's protocol) for ``rounds`` rounds.
+        """Meta-test on ``split`` (`split_tasks`) for ``rounds`` rounds of (collect, adapt).
 
-        Returns the mean exact return after ``k = 0..rounds`` rounds of BO-MRL (``bomrl_k``), of the
-        policy-gradient baseline from the meta-policy (``pg_meta_k``) and from the uniform policy,
-        zero logits (``pg_uniform_k``), their standard errors over maps (``..._se_k``), and the mean
-        optimum by value iteration (``optimum``). Data: episodes (``exact=False``) or exact."""
+        Returns the mean exact return after ``k = 0..rounds`` rounds of BO-MRL (``bomrl_k``, adaptation with
+        ``lam``, default ``eval_lam`` or ``lam``), of the policy-gradient baseline with step ``pg_lr`` from
+        the meta-policy (``pg_meta_k``) and from the uniform policy, zero logits (``pg_uniform_k``; both
+        left out when ``baselines`` is false), their standard errors over maps (``..._se_k``), and the mean
+        optimum by value iteration (``optimum``); for D1/D2 and ``bound``, `one_round_gap_bound`'s
+        ``bound_*`` entries. Data: episodes (``exact=False``) or exact."""
         config = self.config
         rounds = config.adaptation_rounds if rounds is None else rounds
         exact = config.exact if exact is None else exact
         episodes = config.episodes if episodes is None else episodes
-        if split not in ("test", "train"):
-            raise ValueError(f"`split` must be 'test' or 'train'; got {split!r}")
+        lam = (config.eval_lam or config.lam) if lam is None else lam
+        pg_lr = config.pg_lr if pg_lr is None else pg_lr
+        check_adaptation_options(lam, config.distance)
         if rounds < 0:
             raise ValueError(f"`rounds` must be >= 0; got {rounds}")
-        tasks = self.family.test_tasks() if split == "test" else self.family.train_tasks()
+        tasks = self.split_tasks(split)
         mdps = stack_mdps([task.mdp for task in tasks])
         meta_logits = self.logits.expand(len(tasks), -1, -1)
-        bomrl = vmap(functools.partial(adapt_logits, lam=config.lam, distance=config.distance))
-        pg = vmap(functools.partial(policy_gradient_adaptation, lr=config.pg_lr, steps=config.pg_steps))
-        methods: dict[str, tuple[Tensor, Adaptation]] = {
-            "bomrl": (meta_logits, bomrl),
-            "pg_meta": (meta_logits, pg),
-            "pg_uniform": (torch.zeros_like(meta_logits), pg),
-        }
-        result: dict[str, float] = {"optimum": float(value_iteration(mdps).expected_return.mean())}
+        bomrl = vmap(functools.partial(adapt_logits, lam=lam, distance=config.distance))
+        pg = vmap(functools.partial(policy_gradient_adaptation, lr=pg_lr, steps=config.pg_steps))
+        methods: dict[str, tuple[Tensor, Adaptation]] = {"bomrl": (meta_logits, bomrl)}
+        if baselines:
+            methods["pg_meta"] = (meta_logits, pg)
+            methods["pg_uniform"] = (torch.zeros_like(meta_logits), pg)
+        result: dict[str, float] = {"optimum": float(value_iteration(mdps).expected_return.mean()), "lam": lam}
+        if bound and config.distance in ("D1", "D2"):
+            result.update(one_round_gap_bound(self.logits, mdps, lam, config.distance))
         for method_index, (name, (start, adapt)) in enumerate(methods.items()):
             seed = derive_seed(config.seed, self.iteration, 2, method_index)
-            collect = exact_collection(mdps) if exact else episode_collection(tasks, episodes, seed)
+            collect = exact_collection(mdps) if exact else self._collection(tasks, mdps, episodes, seed)
             returns = meta_test(mdps, start, adapt, collect, rounds)
             for k, per_task in enumerate(returns):
                 result[f"{name}_{k}"] = float(per_task.mean())

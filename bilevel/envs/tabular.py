@@ -7,6 +7,11 @@ one call evaluates a batch of tasks or of policies, and ``torch.func.vmap`` work
 
 The objective is the discounted return ``J(pi) = E[sum_{t=0}^{H-1} gamma^t r_t]`` with
 ``s_0 ~ rho``; ``H`` is a finite horizon or infinity (``horizon=None``).
+
+Besides exact planning, :func:`discounted_visitation` gives the discounted state visitation of a
+policy and :func:`sample_episodes` draws episodes from the tensors themselves (batched over
+tasks and episodes, seeded by a ``torch.Generator``), the same distribution a Gymnasium env
+stepping the MDP gives, without the per-step Python cost.
 """
 
 from __future__ import annotations
@@ -152,6 +157,75 @@ def value_iteration(mdp: TabularMDP, *, finite_horizon: bool = True) -> Values:
     """Optimal values of ``mdp``: over ``mdp.horizon`` steps, or infinite; see :func:`optimal_values`."""
     horizon = mdp.horizon if finite_horizon else None
     return optimal_values(mdp.transitions, mdp.rewards, mdp.initial_distribution, mdp.gamma, horizon)
+
+
+def discounted_visitation(mdp: TabularMDP, policy: Tensor) -> Tensor:
+    """``d(s) = sum_{t < H} gamma^t Pr(s_t = s)`` under ``policy [..., S_obs or S, A]``; ``[..., S]``.
+
+    ``Pr(s_0) = rho`` and ``Pr(s_{t+1} = s') = sum_s Pr(s_t = s) sum_a pi(a|s) P[s, a, s']``; the normalised
+    visitation of Xu et al. 2024 (eq. 4) is ``nu = (1 - gamma) d`` as ``H -> infinity``."""
+    full_policy = pad_policy(policy, mdp.transitions.shape[-1])
+    policy_transitions = (full_policy[..., None] * mdp.transitions).sum(dim=-2)
+    state_distribution = mdp.initial_distribution
+    visitation = torch.zeros_like(state_distribution)
+    for t in range(mdp.horizon):
+        visitation = visitation + mdp.gamma**t * state_distribution
+        state_distribution = (state_distribution[..., None, :] @ policy_transitions).squeeze(-2)
+    return visitation
+
+
+class Episodes(NamedTuple):
+    """``B`` episodes of ``H = mdp.horizon`` steps per task: ``states``, ``actions`` (int64) and
+    ``rewards`` (float64) ``[..., B, H]``, and ``alive [..., B, H]``, true where step ``t`` was taken.
+
+    An episode ends when it enters an internal state (index ``>= num_observable_states``, such as
+    the sink of a terminal hole); the reward of that entering step is kept, later steps are not alive."""
+
+    states: Tensor
+    actions: Tensor
+    rewards: Tensor
+    alive: Tensor
+
+
+def _inverse_cdf(probabilities: Tensor, generator: torch.Generator) -> Tensor:
+    """One index per row of ``probabilities [..., K]`` by inverse-CDF sampling; int64 ``[...]``."""
+    cumulative = probabilities.cumsum(dim=-1)
+    uniform = torch.rand(cumulative.shape[:-1], dtype=cumulative.dtype, generator=generator)
+    index = (cumulative < uniform[..., None] * cumulative[..., -1:]).sum(dim=-1)
+    return index.clamp(max=probabilities.shape[-1] - 1)
+
+
+def sample_episodes(mdp: TabularMDP, policy: Tensor, episodes: int, generator: torch.Generator) -> Episodes:
+    """Draw ``episodes`` episodes of ``policy [..., S_obs or S, A]`` in ``mdp`` (tensors ``[..., S, A, S]``).
+
+    ``s_0 ~ rho``, ``a_t ~ pi(.|s_t)``, ``r_t = R[s_t, a_t]``, ``s_{t+1} ~ P[s_t, a_t]``, for ``t < H``, all
+    episodes and tasks at once; the policy is detached (sampling is not differentiated)."""
+    transitions = mdp.transitions
+    num_states, num_actions = transitions.shape[-3], transitions.shape[-2]
+    full_policy = pad_policy(policy.detach(), num_states)
+    batch_shape = torch.broadcast_shapes(transitions.shape[:-3], full_policy.shape[:-2])
+    full_policy = full_policy.expand(*batch_shape, num_states, num_actions)
+    flat_transitions = transitions.expand(*batch_shape, num_states, num_actions, num_states).reshape(
+        *batch_shape, num_states * num_actions, num_states
+    )
+    rewards = mdp.rewards.expand(*batch_shape, num_states, num_actions).reshape(*batch_shape, num_states * num_actions)
+    initial = mdp.initial_distribution.expand(*batch_shape, num_states)
+    states = _inverse_cdf(initial[..., None, :].expand(*batch_shape, episodes, num_states), generator)
+    alive = torch.ones_like(states, dtype=torch.bool)
+    record: dict[str, list[Tensor]] = {"states": [], "actions": [], "rewards": [], "alive": []}
+    for _ in range(mdp.horizon):
+        action_probabilities = torch.gather(full_policy, -2, states[..., None].expand(*states.shape, num_actions))
+        actions = _inverse_cdf(action_probabilities, generator)
+        pairs = states * num_actions + actions
+        next_probabilities = torch.gather(flat_transitions, -2, pairs[..., None].expand(*pairs.shape, num_states))
+        record["states"].append(states)
+        record["actions"].append(actions)
+        step_rewards = torch.gather(rewards, -1, pairs)
+        record["rewards"].append(torch.where(alive, step_rewards, torch.zeros_like(step_rewards)))
+        record["alive"].append(alive)
+        states = _inverse_cdf(next_probabilities, generator)
+        alive = alive & (states < mdp.num_observable_states)
+    return Episodes(**{name: torch.stack(values, dim=-1) for name, values in record.items()})
 
 
 def stack_mdps(mdps: list[TabularMDP]) -> TabularMDP:

@@ -7,19 +7,21 @@ import pytest
 import torch
 
 from bilevel import cli
-from bilevel.algorithms._tabular import TaskStatistics, exact_statistics
+from bilevel.algorithms._tabular import TaskStatistics, collect_statistics, exact_statistics, sample_statistics
 from bilevel.algorithms.bomrl import (
+    BOMRLLearner,
     adapt_logits,
     adaptation_loss,
     adaptation_residual,
     exact_meta_objective,
     forward_kl_adaptation,
+    one_round_gap_bound,
     regularised_lower_bound_gain,
     reverse_kl_adaptation,
 )
 from bilevel.envs import FrozenLake, stack_mdps
 from bilevel.inner import adam, unroll
-from bilevel.runs.loop import load_learner
+from bilevel.runs.loop import load_learner, make_config
 
 LAMBDAS = {"D1": 0.3, "D2": 0.3, "D3": 1.0}
 
@@ -80,8 +82,14 @@ def test_closed_forms_are_stationary_and_agree_with_an_iterative_solve(family, m
     residual = adaptation_residual(adapted, meta_logits, *statistics, lam, distance)
     assert residual.abs().max() < 1e-10
 
-    loss = functools.partial(adaptation_loss, behaviour_logits=meta_logits, advantages=statistics.advantages,
-                             visitation=statistics.visitation, lam=lam, distance=distance)
+    loss = functools.partial(
+        adaptation_loss,
+        behaviour_logits=meta_logits,
+        advantages=statistics.advantages,
+        visitation=statistics.visitation,
+        lam=lam,
+        distance=distance,
+    )
     iterative = newton_minimise(loss, unroll(loss, meta_logits, adam(0.05), 300), steps=40)
     assert torch.allclose(torch.softmax(iterative, -1), torch.softmax(adapted, -1), atol=1e-8)
     assert loss(adapted) <= loss(iterative) + 1e-12
@@ -110,8 +118,9 @@ def test_d1_and_d2_ignore_the_visitation_weights_of_visited_states(family, meta_
     statistics = statistics_of(family, meta_logits)
     reweighted = TaskStatistics(statistics.advantages, 3.0 * statistics.visitation)
     for distance in ("D1", "D2"):
-        assert torch.allclose(adapt_logits(meta_logits, statistics, 0.3, distance),
-                              adapt_logits(meta_logits, reweighted, 0.3, distance))
+        assert torch.allclose(
+            adapt_logits(meta_logits, statistics, 0.3, distance), adapt_logits(meta_logits, reweighted, 0.3, distance)
+        )
 
 
 @pytest.mark.parametrize(("distance", "lam", "name"), [("D4", 0.1, "D4"), ("D1", 0.0, "lam"), ("D2", -1.0, "lam")])
@@ -121,15 +130,33 @@ def test_bad_adaptation_options_raise_naming_them(family, meta_logits, distance,
 
 
 def train_argv(run_dir, iterations, *extra):
-    return ["train", "bomrl", "--env", "frozenlake-hole", "--iterations", str(iterations), "--episodes", "20",
-            "--tasks-per-batch", "2", "--device", "cpu", "--run-dir", str(run_dir), "--no-progress", *extra]
+    return [
+        "train",
+        "bomrl",
+        "--env",
+        "frozenlake-hole",
+        "--iterations",
+        str(iterations),
+        "--episodes",
+        "20",
+        "--tasks-per-batch",
+        "2",
+        "--device",
+        "cpu",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        *extra,
+    ]
 
 
-def test_cli_smoke_resume_equals_straight_run_and_eval(tmp_path):
-    assert cli.main(train_argv(tmp_path / "straight", 3)) == 0
-    assert cli.main(train_argv(tmp_path / "resumed", 2)) == 0
-    assert cli.main(["train", "bomrl", "--resume", str(tmp_path / "resumed"), "--iterations", "3",
-                     "--no-progress"]) == 0
+@pytest.mark.parametrize("sampler", ["tensors", "gym"])
+def test_cli_smoke_resume_equals_straight_run_and_eval(tmp_path, sampler):
+    assert cli.main(train_argv(tmp_path / "straight", 3, "--sampler", sampler)) == 0
+    assert cli.main(train_argv(tmp_path / "resumed", 2, "--sampler", sampler)) == 0
+    assert (
+        cli.main(["train", "bomrl", "--resume", str(tmp_path / "resumed"), "--iterations", "3", "--no-progress"]) == 0
+    )
     _, straight = load_learner(tmp_path / "straight")
     _, resumed = load_learner(tmp_path / "resumed")
     assert resumed.iteration == straight.iteration == 3
@@ -140,10 +167,81 @@ def test_cli_smoke_resume_equals_straight_run_and_eval(tmp_path):
     result = json.loads((tmp_path / "straight" / "eval.json").read_text())
     assert result["bomrl_2"] >= result["bomrl_0"]
     assert result["optimum"] >= max(result[f"{method}_{k}"] for method in ("bomrl", "pg_meta") for k in range(3))
+    assert result["bound_gap"] > 0
 
 
-@pytest.mark.parametrize(("option", "value"), [("--distance", "D7"), ("--lam", "0"), ("--lam", "-0.5")])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--distance", "D7"),
+        ("--lam", "0"),
+        ("--lam", "-0.5"),
+        ("--eval-lam", "-1"),
+        ("--sampler", "dice"),
+        ("--estimator", "td"),
+    ],
+)
 def test_cli_bad_input_exits_2_naming_it(tmp_path, capsys, option, value):
     assert cli.main([*train_argv(tmp_path / "run", 1), option, value]) == 2
-    assert option.removeprefix("--") in capsys.readouterr().err
+    assert option.removeprefix("--").replace("-", "_") in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_episodes_from_the_tensors_and_from_the_gym_env_give_the_same_statistics(family, meta_logits):
+    task = family.train_tasks()[1]
+    from_tensors, steps = sample_statistics(task.mdp, meta_logits, 6000, torch.Generator().manual_seed(0))
+    from_gym, gym_steps = collect_statistics(task, meta_logits, 6000, seed=1)
+    assert abs(steps - gym_steps) < 0.05 * gym_steps
+    torch.testing.assert_close(from_tensors.visitation, from_gym.visitation, atol=0.03, rtol=0)
+    visited = exact_statistics(task.mdp, meta_logits).visitation > 0.3
+    torch.testing.assert_close(from_tensors.advantages[visited], from_gym.advantages[visited], atol=0.1, rtol=0)
+
+
+def test_sampled_statistics_are_batched_over_tasks(family, meta_logits):
+    tasks = family.train_tasks()[:2]
+    logits = torch.stack([meta_logits, -meta_logits])
+    statistics, _ = sample_statistics(
+        stack_mdps([t.mdp for t in tasks]), logits, 3000, torch.Generator().manual_seed(2)
+    )
+    assert statistics.advantages.shape == (2, 16, 4) and statistics.visitation.shape == (2, 16)
+    for index, task in enumerate(tasks):
+        exact = exact_statistics(task.mdp, logits[index]).visitation
+        torch.testing.assert_close(statistics.visitation[index], exact, atol=0.03, rtol=0.05)
+
+
+def test_validation_maps_are_left_out_of_meta_training():
+    config = make_config("bomrl", {"iterations": 3, "num_validation": 3, "exact": True, "device": "cpu"})
+    learner = BOMRLLearner(config, torch.device("cpu"))
+    train = learner.family.train_tasks()
+    assert learner.meta_train_tasks == train[:7] and learner.split_tasks("validation") == train[7:]
+    result = learner.evaluate(rounds=1, split="validation", exact=True, lam=0.2, baselines=False)
+    assert result["lam"] == 0.2 and "pg_meta_0" not in result and result["bomrl_1"] > result["bomrl_0"]
+    with pytest.raises(ValueError, match="split"):
+        learner.evaluate(split="holdout")
+
+
+@pytest.mark.parametrize("distance", ["D1", "D2"])
+def test_gap_bound_vanishes_at_the_optimum_and_is_positive_elsewhere(family, distance):
+    mdps = stack_mdps([task.mdp for task in family.train_tasks()[:3]])
+    bound = one_round_gap_bound(torch.zeros(16, 4, dtype=torch.float64), mdps, 0.1, distance)
+    assert bound["bound_gap"] > 0 and bound["bound_1"] < bound["bound_optimal_return"]
+    assert bound["bound_optimal_return"] == pytest.approx(1.6383, abs=1e-3)
+    single = stack_mdps([family.train_tasks()[0].mdp])
+    optimal_logits = torch.log(
+        torch.nn.functional.one_hot(
+            exact_statistics(single, torch.zeros(1, 16, 4, dtype=torch.float64)).advantages[0].argmax(-1), 4
+        )
+        .to(torch.float64)
+        .clamp(min=1e-12)
+    )
+    near = one_round_gap_bound(optimal_logits, single, 0.1, distance, rounds=1)
+    assert near["bound_gap"] <= bound["bound_gap"]
+
+
+def test_model_estimator_is_exact_on_a_deterministic_map_once_every_reachable_pair_is_tried(family, meta_logits):
+    task = family.train_tasks()[2]
+    statistics, _ = sample_statistics(task.mdp, meta_logits, 3000, torch.Generator().manual_seed(3), "model")
+    exact = exact_statistics(task.mdp, meta_logits)
+    reachable = exact.visitation > 1e-3
+    torch.testing.assert_close(statistics.advantages[reachable], exact.advantages[reachable], atol=1e-10, rtol=0)
+    torch.testing.assert_close(statistics.visitation, exact.visitation, atol=0.05, rtol=0.05)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from bilevel.envs import FrozenLake, FrozenLakeTask, evaluate_policy, random_map, shortest_path_length, value_iteration
 from bilevel.envs.frozen_lake import GAMMA, HORIZON, MAP_SIZE
-from bilevel.envs.tabular import stack_mdps
+from bilevel.envs.tabular import discounted_visitation, sample_episodes, stack_mdps
 
 SIX_STEP_MAP = ("SFFF", "FHFH", "FFFH", "HFFG")
 
@@ -168,3 +168,28 @@ def test_policy_evaluation_composes_with_torch_func():
 
     per_policy_gradients = torch.func.vmap(torch.func.grad(expected_return))(logits)
     torch.testing.assert_close(per_policy_gradients[2], torch.func.grad(expected_return)(logits[2]))
+
+
+@pytest.mark.parametrize("kind", ["hole", "nohole"])
+def test_sampled_episodes_match_exact_return_and_visitation(kind):
+    mdps = stack_mdps([task.mdp for task in FrozenLake(kind, num_train=2, num_test=1).train_tasks()])
+    policy = torch.stack([random_policy(seed=4), random_policy(seed=5)])
+    episodes = sample_episodes(mdps, policy, 4000, torch.Generator().manual_seed(0))
+    assert episodes.states.shape == episodes.rewards.shape == episodes.alive.shape == (2, 4000, HORIZON)
+    assert not (episodes.alive[..., 1:] & ~episodes.alive[..., :-1]).any()
+    discounts = GAMMA ** torch.arange(HORIZON, dtype=torch.float64)
+    returns = (episodes.rewards * discounts).sum(-1)
+    exact = evaluate_policy(mdps, policy).expected_return
+    standard_error = returns.std(dim=-1) / 4000**0.5
+    assert ((returns.mean(-1) - exact).abs() < 4 * standard_error).all()
+    visits = torch.zeros(2, 17, dtype=torch.float64).scatter_add_(
+        -1, episodes.states.reshape(2, -1), (episodes.alive * discounts).reshape(2, -1)
+    )
+    torch.testing.assert_close(visits[:, :16] / 4000, discounted_visitation(mdps, policy)[:, :16], atol=0.05, rtol=0)
+
+
+def test_discounted_visitation_sums_to_the_discounted_horizon_without_termination():
+    mdp = FrozenLakeTask(SIX_STEP_MAP, "nohole").mdp
+    visitation = discounted_visitation(mdp, random_policy(seed=6))
+    assert visitation.sum().item() == pytest.approx((1 - GAMMA**HORIZON) / (1 - GAMMA), abs=1e-12)
+    assert visitation[-1] == 0
