@@ -496,10 +496,12 @@ class BOMRLLearner(Learner):
             "hypergradient_norm": float(gradient.norm()),
         }
 
-    def _collection(self, tasks: list[FrozenLakeTask], mdps: TabularMDP, episodes: int, seed: int) -> Collection:
+    def _collection(
+        self, tasks: list[FrozenLakeTask], mdps: TabularMDP, episodes: int, seed: int, estimator: str | None = None
+    ) -> Collection:
         if self.config.sampler == "gym":
             return gym_episode_collection(tasks, episodes, seed)
-        return episode_collection(mdps, episodes, seed, self.config.estimator)
+        return episode_collection(mdps, episodes, seed, estimator or self.config.estimator)
 
     def split_tasks(self, split: str) -> list[FrozenLakeTask]:
         """``test``: the held-out maps; ``train``: all training maps (the paper's protocol);
@@ -524,6 +526,7 @@ class BOMRLLearner(Learner):
         pg_lr: float | None = None,
         baselines: bool = True,
         bound: bool = True,
+        estimator: str | None = None,
     ) -> dict[str, float]:
         """Meta-test on ``split`` (`split_tasks`) for ``rounds`` rounds of (collect, adapt).
 
@@ -532,7 +535,8 @@ class BOMRLLearner(Learner):
         the meta-policy (``pg_meta_k``) and from the uniform policy, zero logits (``pg_uniform_k``; both
         left out when ``baselines`` is false), their standard errors over maps (``..._se_k``), and the mean
         optimum by value iteration (``optimum``); for D1/D2 and ``bound``, `one_round_gap_bound`'s
-        ``bound_*`` entries. Data: episodes (``exact=False``) or exact."""
+        ``bound_*`` entries. Data: episodes (``exact=False``, statistics by ``estimator``, default the
+        config's) or exact."""
         config = self.config
         rounds = config.adaptation_rounds if rounds is None else rounds
         exact = config.exact if exact is None else exact
@@ -540,6 +544,8 @@ class BOMRLLearner(Learner):
         lam = (config.eval_lam or config.lam) if lam is None else lam
         pg_lr = config.pg_lr if pg_lr is None else pg_lr
         check_adaptation_options(lam, config.distance)
+        if estimator is not None and estimator not in ESTIMATORS:
+            raise ValueError(f"unknown `estimator` {estimator!r}; choose one of {list(ESTIMATORS)}")
         if rounds < 0:
             raise ValueError(f"`rounds` must be >= 0; got {rounds}")
         tasks = self.split_tasks(split)
@@ -556,7 +562,7 @@ class BOMRLLearner(Learner):
             result.update(one_round_gap_bound(self.logits, mdps, lam, config.distance))
         for method_index, (name, (start, adapt)) in enumerate(methods.items()):
             seed = derive_seed(config.seed, self.iteration, 2, method_index)
-            collect = exact_collection(mdps) if exact else self._collection(tasks, mdps, episodes, seed)
+            collect = exact_collection(mdps) if exact else self._collection(tasks, mdps, episodes, seed, estimator)
             returns = meta_test(mdps, start, adapt, collect, rounds)
             for k, per_task in enumerate(returns):
                 result[f"{name}_{k}"] = float(per_task.mean())
