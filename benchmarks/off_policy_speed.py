@@ -1,0 +1,146 @@
+"""Training speed of our TD3 and SAC against Stable-Baselines3's, and MATT's cost over its base.
+
+Every learner trains on Pendulum-v1 with the same networks (actor obs -> 256 -> 128 -> act, twin critics
+(obs + act) -> 256 -> 128 -> 1, ReLU), batch 128, one gradient update per env step, learning rate 1e-3,
+TD3's policy delay 2 and SAC's automatic entropy tuning, all in one process with one torch thread.
+After ``--learning-starts`` random steps and one warm-up chunk, the learners take turns: each runs
+``--chunk`` env steps (with their updates), ``--repeats`` times, so that a change in the load of a
+shared machine hits all of them alike. Reported: env steps (= updates) per second from the median
+chunk, by CPU time of the process (``time.process_time``, the fairer clock on a shared machine) and by
+wall time, and the ratios. Then the time of one gradient update alone (``gradient_update``, a
+replay batch already in memory) for TD3, SAC and their MATT variants: MATT's overhead per update.
+
+Run: ``.venv/bin/python benchmarks/off_policy_speed.py [--chunk 1000] [--repeats 3]``
+(needs ``pip install 'bilevel[bench]'`` for stable-baselines3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+ENV = "Pendulum-v1"
+HIDDEN = (256, 128)
+BATCH = 128
+LR = 1e-3
+
+
+def ours(algorithm: str, learning_starts: int, chunk: int) -> Callable[[], None]:
+    """A function that trains our ``algorithm`` for ``chunk`` env steps per call (after a first call that
+    fills the buffer with ``learning_starts`` random steps)."""
+    from bilevel.runs.loop import _build, make_config
+
+    config = make_config(algorithm, {"env": ENV, "hidden": HIDDEN, "batch_size": BATCH, "actor_lr": LR,
+                                     "critic_lr": LR, "learning_starts": learning_starts, "steps_per_iteration": chunk,
+                                     "eval_episodes": 0, "device": "cpu", "buffer_size": 100_000})
+    learner = _build(algorithm, config)
+    while learner.env_steps < learning_starts:
+        learner.step()
+    return learner.step
+
+
+def stable_baselines(algorithm: str, learning_starts: int, chunk: int) -> Callable[[], None]:
+    """The same for Stable-Baselines3's TD3 or SAC with our settings."""
+    from stable_baselines3 import SAC, TD3
+    from stable_baselines3.common.noise import NormalActionNoise
+
+    common = {"learning_rate": LR, "buffer_size": 100_000, "learning_starts": learning_starts, "batch_size": BATCH,
+              "tau": 0.005, "gamma": 0.99, "train_freq": 1, "gradient_steps": 1, "device": "cpu", "seed": 0,
+              "policy_kwargs": {"net_arch": list(HIDDEN)}}
+    if algorithm == "td3":
+        model = TD3("MlpPolicy", ENV, action_noise=NormalActionNoise(np.zeros(1), 0.1 * np.ones(1)), policy_delay=2,
+                    target_policy_noise=0.2, target_noise_clip=0.5, **common)
+    else:
+        model = SAC("MlpPolicy", ENV, ent_coef="auto", target_update_interval=1, **common)
+    model.learn(learning_starts)
+    return lambda: model.learn(chunk, reset_num_timesteps=False)
+
+
+def timed(run: Callable[[], object]) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one call."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    run()
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def per_update_ms(algorithm: str, learning_starts: int, updates: int, repeats: int) -> tuple[float, float]:
+    """Median (CPU ms, wall ms) of one ``gradient_update`` of our ``algorithm`` over ``repeats`` runs of
+    ``updates`` updates, after ``learning_starts`` random steps."""
+    from bilevel.runs.loop import _build, make_config
+
+    config = make_config(algorithm, {"env": ENV, "hidden": HIDDEN, "batch_size": BATCH, "actor_lr": LR,
+                                     "critic_lr": LR, "learning_starts": learning_starts,
+                                     "steps_per_iteration": learning_starts, "eval_episodes": 0, "device": "cpu",
+                                     "buffer_size": 100_000})
+    learner = _build(algorithm, config)
+    learner.step()
+    for _ in range(10):
+        learner.gradient_update()
+
+    def run() -> None:
+        for _ in range(updates):
+            learner.gradient_update()
+
+    samples = [timed(run) for _ in range(repeats)]
+    return (1e3 * statistics.median(s[0] for s in samples) / updates,
+            1e3 * statistics.median(s[1] for s in samples) / updates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chunk", type=int, default=1000, help="env steps per timed chunk")
+    parser.add_argument("--repeats", type=int, default=3, help="timed chunks per learner")
+    parser.add_argument("--learning-starts", type=int, default=1000)
+    parser.add_argument("--updates", type=int, default=200, help="updates per timed run of gradient_update")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import stable_baselines3
+
+    print(f"torch {torch.__version__}, stable-baselines3 {stable_baselines3.__version__}, threads "
+          f"{torch.get_num_threads()}, {ENV}, batch {BATCH}, hidden {HIDDEN}, chunk {args.chunk} x {args.repeats}")
+    learners = {
+        "ours td3": ours("td3", args.learning_starts, args.chunk),
+        "sb3 td3": stable_baselines("td3", args.learning_starts, args.chunk),
+        "ours sac": ours("sac", args.learning_starts, args.chunk),
+        "sb3 sac": stable_baselines("sac", args.learning_starts, args.chunk),
+        "ours td3-matt": ours("td3-matt", args.learning_starts, args.chunk),
+        "ours sac-matt": ours("sac-matt", args.learning_starts, args.chunk),
+    }
+    for run in learners.values():
+        run()
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in learners}
+    for _ in range(args.repeats):
+        for name, run in learners.items():
+            samples[name].append(timed(run))
+    rate = {name: (args.chunk / statistics.median(s[0] for s in chunks),
+                   args.chunk / statistics.median(s[1] for s in chunks)) for name, chunks in samples.items()}
+    print("\n| learner | env steps (= updates) / CPU s | / wall s |")
+    print("|---|---|---|")
+    for name, (cpu, wall) in rate.items():
+        print(f"| {name} | {cpu:.0f} | {wall:.0f} |")
+    print("\n| ratio | by CPU time | by wall time |")
+    print("|---|---|---|")
+    for a, b in (("ours td3", "sb3 td3"), ("ours sac", "sb3 sac")):
+        print(f"| {a} / {b} speed | {rate[a][0] / rate[b][0]:.2f} | {rate[a][1] / rate[b][1]:.2f} |")
+    for a, b in (("ours td3-matt", "ours td3"), ("ours sac-matt", "ours sac")):
+        print(f"| {a} / {b} time per env step | {rate[b][0] / rate[a][0]:.2f} | {rate[b][1] / rate[a][1]:.2f} |")
+
+    print("\n| learner | ms CPU / update | ms wall / update |")
+    print("|---|---|---|")
+    update_ms = {}
+    for algorithm in ("td3", "td3-matt", "sac", "sac-matt"):
+        update_ms[algorithm] = per_update_ms(algorithm, args.learning_starts, args.updates, args.repeats)
+        print(f"| {algorithm} | {update_ms[algorithm][0]:.2f} | {update_ms[algorithm][1]:.2f} |")
+    for base in ("td3", "sac"):
+        cpu, wall = (update_ms[f"{base}-matt"][i] / update_ms[base][i] for i in (0, 1))
+        print(f"{base}-matt / {base} time per update: {cpu:.2f} (CPU), {wall:.2f} (wall)")
+
+
+if __name__ == "__main__":
+    main()
