@@ -1,4 +1,4 @@
-"""The ``bilevel`` command: ``train``, ``eval``, ``plot`` and ``list``.
+"""The ``bilevel`` command: ``train``, ``eval``, ``plot``, ``sweep``, ``report`` and ``list``.
 
     bilevel train ALGORITHM --env ENV [--seed N] [--iterations N] [--FIELD VALUE ...] [--run-dir DIR]
     bilevel train ALGORITHM --resume RUN [--iterations N] [--threads N]
@@ -6,6 +6,7 @@
     bilevel plot RUN_OR_SWEEP [...] [--y return] [--x env_steps] [--out FILE]
     bilevel sweep SPEC.toml [--out SWEEP] [--address RAY_ADDRESS]
     bilevel sweep --resume SWEEP
+    bilevel report REPORT.md [...]
     bilevel list
 
 Every config field of the algorithm is an option (``attention_weight`` is
@@ -149,22 +150,9 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
-def _expand_sweeps(paths: list[Path]) -> list[Path]:
-    """Run folders, with every sweep folder replaced by its trials' run folders."""
-    runs: list[Path] = []
-    for path in paths:
-        record = path / "sweep.json"
-        if record.exists():
-            runs += [path / t["name"] for t in json.loads(record.read_text())["trials"]
-                     if (path / t["name"] / "metrics.csv").exists()]
-        else:
-            runs.append(path)
-    return runs
-
-
 def _plot(argv: list[str]) -> int:
     from bilevel.runs.plot import plot_curves
-    from bilevel.runs.sweep import summarize
+    from bilevel.runs.sweep import expand_sweeps, summarize
 
     parser = argparse.ArgumentParser(prog="bilevel plot", description="Learning curves with 95%% bands over seeds.")
     parser.add_argument("runs", type=Path, nargs="+", help="run folders or sweep folders")
@@ -174,7 +162,7 @@ def _plot(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     out = args.out or args.runs[0] / "plots" / f"{args.y}.png"
     try:
-        runs = _expand_sweeps(args.runs)
+        runs = expand_sweeps(args.runs)
         path = plot_curves(runs, out, x=args.x, y=args.y)
         extra = _algorithm_plots(runs, out.parent)
         for sweep in (p for p in args.runs if (p / "sweep.json").exists()):
@@ -230,6 +218,26 @@ def _sweep(argv: list[str]) -> int:
     return 0
 
 
+def _report(argv: list[str]) -> int:
+    from bilevel.runs.report import regenerate
+
+    parser = argparse.ArgumentParser(
+        prog="bilevel report",
+        description="Regenerate the tables and figures of Markdown reports from the run and sweep folders "
+        "their <!-- bilevel:summary/curves ... --> blocks name.",
+    )
+    parser.add_argument("reports", type=Path, nargs="+")
+    args = parser.parse_args(argv)
+    for report in args.reports:
+        try:
+            count = regenerate(report)
+        except (ValueError, OSError) as error:
+            print(f"bilevel report: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"{report}: {count} blocks regenerated")
+    return 0
+
+
 def _list(argv: list[str]) -> int:
     import bilevel.algorithms  # noqa: F401
     from bilevel.envs import family_names
@@ -244,7 +252,7 @@ def _list(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "sweep": _sweep, "list": _list}
+COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "sweep": _sweep, "report": _report, "list": _list}
 
 
 def main(argv: list[str] | None = None) -> int:

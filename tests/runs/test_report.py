@@ -59,3 +59,15 @@ def test_a_block_naming_no_folder_is_reported_with_its_line_and_nothing_is_writt
     with pytest.raises(ValueError, match=r"report\.md:2.*no-such"):
         regenerate(report)
     assert report.read_text() == original
+
+
+def test_cli_report_regenerates_and_exits_2_naming_a_bad_block(runs, capsys):
+    from bilevel import cli
+
+    good, bad = runs / "good.md", runs / "bad.md"
+    good.write_text("<!-- bilevel:summary runs/lr0.5-* -->\n<!-- bilevel:end -->\n")
+    assert cli.main(["report", str(good)]) == 0
+    assert "inner_lr" not in good.read_text() and "| maml-trpo | 1 |" in good.read_text()
+    bad.write_text("<!-- bilevel:curves runs/lr* -->\n<!-- bilevel:end -->\n")
+    assert cli.main(["report", str(bad)]) == 2
+    assert "out=FILE.png" in capsys.readouterr().err
