@@ -25,9 +25,9 @@ CHOSEN = {  # (env, distance) -> (lam, eval_lam, exact), chosen on a validation 
     ("frozenlake-hole", "D1"): (0.03, 0.1, False),
     ("frozenlake-hole", "D2"): (0.3, 0.1, True),
     ("frozenlake-hole", "D3"): (0.001, 0.001, False),
-    ("frozenlake-nohole", "D1"): (0.03, 0.1, False),
-    ("frozenlake-nohole", "D2"): (0.3, 0.1, True),
-    ("frozenlake-nohole", "D3"): (0.001, 0.001, False),
+    ("frozenlake-nohole", "D1"): (0.1, 0.05, False),
+    ("frozenlake-nohole", "D2"): (0.3, 0.05, True),
+    ("frozenlake-nohole", "D3"): (0.001, 0.001, False),  # the "hole" choice, not tuned on "nohole"
 }
 
 
