@@ -752,7 +752,8 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     - ``alpha_sweep.png``: last-iteration return, ``jacobian_sq``, ``jerk_sq`` and ``energy`` against alpha
       (mean and standard deviation over seeds);
     - ``adaptation.png``: return against adaptation samples from each run's ``eval*.json`` (written by
-      ``bilevel eval RUN --perturb ...``; copy ``eval.json`` to ``eval-PERTURB.json`` to keep several),
+      ``bilevel eval RUN --perturb ...``; copy ``eval.json`` to ``eval-PERTURB.json`` to keep several; files
+      with the same contents count once),
       one panel per perturbation, one line per alpha (mean over seeds);
     - ``jacobian_heatmap.png``: ``mean |d mu / d s|`` (action x state) of the meta-policy for alpha = 0 and the
       largest alpha, from the runs' checkpoints.
@@ -797,8 +798,9 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     curves: dict[str, dict[float, list[tuple[list[float], list[float]]]]] = {}
     for alpha in alphas:
         for folder in by_alpha[alpha]:
-            for path in sorted(folder.path.glob("eval*.json")):
-                result = json.loads(path.read_text())
+            texts = {path.read_text() for path in folder.path.glob("eval*.json")}
+            for text in sorted(texts):
+                result = json.loads(text)
                 rounds = sorted(int(k.split("_")[1]) for k in result if k.startswith("return_"))
                 perturbation = str(result["options"].get("perturb") or "none")
                 curve = ([result[f"samples_{k}"] for k in rounds], [result[f"return_{k}"] for k in rounds])

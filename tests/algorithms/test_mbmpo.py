@@ -185,10 +185,13 @@ def test_bad_eval_options_raise_value_error_naming_them(runs, capsys):
 
 
 def test_bilevel_plot_draws_the_mbmpo_figures(runs, tmp_path, capsys):
+    assert cli.main(["eval", str(runs[0]), "--perturb", "mass", "--episodes", "1", "--adaptation-episodes", "1",
+                     "--adaptation-steps", "1"]) == 0
+    (runs[0] / "eval-mass.json").write_text((runs[0] / "eval.json").read_text())
     out = tmp_path / "plots" / "return.png"
     assert cli.main(["plot", *map(str, runs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.split()
-    for name in ("return.png", "alpha_sweep.png", "jacobian_heatmap.png"):
+    for name in ("return.png", "alpha_sweep.png", "adaptation.png", "jacobian_heatmap.png"):
         assert (out.parent / name).stat().st_size > 0
         assert str(out.parent / name) in printed
 
