@@ -3,6 +3,7 @@
 Importing this package registers the ``bilevel/...`` env ids (see :func:`register_all`).
 """
 
+from bilevel.envs.batched_mujoco import BatchedHalfCheetah
 from bilevel.envs.frozen_lake import (
     FrozenLake,
     FrozenLakeEnv,
@@ -22,18 +23,29 @@ from bilevel.envs.locomotion import (
 from bilevel.envs.navigation import BatchedNavigation2D, GoalTask, Navigation2D, Navigation2DEnv, goals_tensor
 from bilevel.envs.perturbations import BodyMassScale, CrippledJoint, FrictionScale, Slope, perturb
 from bilevel.envs.registry import FAMILIES, family_names, make_family, register_all
-from bilevel.envs.tabular import TabularMDP, Values, evaluate_policy, stack_mdps, value_iteration
+from bilevel.envs.tabular import (
+    Episodes,
+    TabularMDP,
+    Values,
+    discounted_visitation,
+    evaluate_policy,
+    sample_episodes,
+    stack_mdps,
+    value_iteration,
+)
 
 register_all()
 
 __all__ = [
     "FAMILIES",
     "AntDirection",
+    "BatchedHalfCheetah",
     "BatchedNavigation2D",
     "BodyMassScale",
     "CrippledJoint",
     "DirectionReward",
     "DirectionTask",
+    "Episodes",
     "FrictionScale",
     "FrozenLake",
     "FrozenLakeEnv",
@@ -48,6 +60,7 @@ __all__ = [
     "Values",
     "VelocityReward",
     "VelocityTask",
+    "discounted_visitation",
     "evaluate_policy",
     "family_names",
     "goals_tensor",
@@ -55,6 +68,7 @@ __all__ = [
     "perturb",
     "random_map",
     "register_all",
+    "sample_episodes",
     "shortest_path_length",
     "stack_mdps",
     "value_iteration",
