@@ -67,7 +67,7 @@ def _add_config_options(parser: argparse.ArgumentParser, config_class: type[RunC
     for f in dataclasses.fields(config_class):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": f"{docs.get(f.name, '')} (default: {default})"}
+                                  "help": f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")}
         if isinstance(default, bool):
             kwargs["type"] = _parse_bool
         elif isinstance(default, (tuple, list)):

@@ -13,8 +13,11 @@ Per actor update, with a train batch ``d_trn`` and an independent validation bat
     L_att(psi) = tanh(L_actor(phi_new; d_val) - L_actor(phi_old; d_val))           (eq. 10)
     psi <- Adam(psi, grad_psi L_att)
 
-The two look-ahead steps are `bilevel.inner.unroll` calls (plain SGD at the actor's learning rate),
-and ``grad_psi L_att`` differentiates through the second one. The paper leaves open, and the authors'
+The look-ahead steps are plain SGD at the actor's learning rate; eq. 9 is a `bilevel.inner.unroll`
+call and ``grad_psi L_att`` differentiates through it. Eq. 8's gradient is the vanilla gradient the
+actor's own step takes at the same ``phi``, so it is computed once for both (with
+``meta_loss_trains_actor`` both steps are unrolled, differentiable in ``phi``). One actor-feature pass
+serves the vanilla and the attention action (`MetaAttention.attention_forward`). The paper leaves open, and the authors'
 code decides (Gideon-K-Marx/Meta-Attention-For-Off-Policy-Actor-Critic, ``Code/TD3.py``):
 
 - which actor layers the look-ahead moves: the authors move only the first layer of the feature
@@ -28,7 +31,9 @@ code decides (Gideon-K-Marx/Meta-Attention-For-Off-Policy-Actor-Critic, ``Code/T
 Dance twice (section 3.3): at decision time the actor executes whichever of ``pi_phi(s)`` and
 ``pi'_psi(s)`` has the higher ``Q1`` (SAC: the higher ``Q1`` of the two means, then a sample from the
 winner's distribution), then adds its exploration noise. Evaluation reports the mean
-``Q1(s, pi'_psi(s)) - Q1(s, pi_phi(s))`` over the states visited (section 4.3).
+``Q1(s, pi'_psi(s)) - Q1(s, pi_phi(s))`` over the states visited, and each checkpoint keeps the actor
+and attention features of 250 consecutive evaluation states, which `MetaAttention.plot_runs` draws
+as the Q-gap curve and a t-SNE embedding (section 4.3, Figure 6).
 
 The same look-ahead trains Meta-Critic's learned loss (`bilevel.algorithms.meta_critic`), so the
 loop lives here in `LookAheadMetaLearner`, parameterised by the auxiliary actor loss.

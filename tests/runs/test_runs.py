@@ -199,3 +199,15 @@ def test_every_algorithm_takes_threads_and_resume_may_change_it(tmp_path):
                      "--run-dir", run, "--no-progress"]) == 0
     assert cli.main(["train", "test-bandit", "--resume", run, "--iterations", "3", "--threads", "2"]) == 0
     assert len(metric_rows(tmp_path / "run")) == 3
+
+
+def test_every_algorithm_prints_its_options(capsys):
+    """Field docs may contain '%' (argparse formats help strings with it)."""
+    from bilevel.runs.learner import ALGORITHMS, get_algorithm
+
+    get_algorithm("test-bandit")
+    for name in ALGORITHMS:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", name, "--help"])
+        assert exit_info.value.code == 0, name
+        assert "--threads" in capsys.readouterr().out, name
