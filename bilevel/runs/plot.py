@@ -19,16 +19,20 @@ IGNORED_IN_LABELS = ("seed", "device", "checkpoint_every", "iterations")
 
 def group_by_config(folders: list[RunFolder]) -> dict[str, list[RunFolder]]:
     """Runs grouped by algorithm and config, seeds and devices aside. The label names the
-    algorithm and the config values that differ between the groups."""
+    algorithm and the config values that differ between that algorithm's groups (a field
+    another algorithm lacks does not count as a difference)."""
     configs = []
     for folder in folders:
         algorithm, config = folder.read_config()
         configs.append({"algorithm": algorithm, **{k: v for k, v in config.items() if k not in IGNORED_IN_LABELS}})
-    keys = sorted({k for c in configs for k in c})
-    varying = [k for k in keys if k != "algorithm" and len({json.dumps(c.get(k)) for c in configs}) > 1]
+    varying: dict[str, list[str]] = {}
+    for algorithm in {c["algorithm"] for c in configs}:
+        same = [c for c in configs if c["algorithm"] == algorithm]
+        keys = sorted({k for c in same for k in c} - {"algorithm"})
+        varying[algorithm] = [k for k in keys if len({json.dumps(c.get(k)) for c in same}) > 1]
     groups: dict[str, list[RunFolder]] = defaultdict(list)
     for folder, config in zip(folders, configs, strict=True):
-        label = " ".join([config["algorithm"], *(f"{k}={config.get(k)}" for k in varying)])
+        label = " ".join([config["algorithm"], *(f"{k}={config.get(k)}" for k in varying[config["algorithm"]])])
         groups[label].append(folder)
     return dict(groups)
 
@@ -64,11 +68,11 @@ def plot_curves(run_dirs: list[str | Path], out: str | Path, *, x: str = "env_st
         ax.fill_between(grid, low, high, alpha=0.25)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out

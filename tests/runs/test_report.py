@@ -71,3 +71,17 @@ def test_cli_report_regenerates_and_exits_2_naming_a_bad_block(runs, capsys):
     bad.write_text("<!-- bilevel:curves runs/lr* -->\n<!-- bilevel:end -->\n")
     assert cli.main(["report", str(bad)]) == 2
     assert "out=FILE.png" in capsys.readouterr().err
+
+
+def test_labels_name_only_what_differs_within_an_algorithm(tmp_path):
+    from bilevel.runs.plot import group_by_config
+
+    for name, algorithm, config in [("a0", "td3", {"seed": 0, "policy_noise": 0.2}),
+                                    ("a1", "td3", {"seed": 1, "policy_noise": 0.2}),
+                                    ("b0", "td3-matt", {"seed": 0, "policy_noise": 0.2, "attention_lr": 1e-4}),
+                                    ("b1", "td3-matt", {"seed": 0, "policy_noise": 0.2, "attention_lr": 1e-3})]:
+        RunFolder(tmp_path / name).path.mkdir()
+        RunFolder(tmp_path / name).write_config(algorithm, config)
+    groups = group_by_config([RunFolder(tmp_path / n) for n in ("a0", "a1", "b0", "b1")])
+    assert {label: len(g) for label, g in groups.items()} == {
+        "td3": 2, "td3-matt attention_lr=0.0001": 1, "td3-matt attention_lr=0.001": 1}
