@@ -3,6 +3,7 @@
 Three ways to collect the same number of transitions with the same Gaussian MLP policy:
 - `SyncVectorEnv` of 16 envs in this process (`bilevel.rl.collect`);
 - `AsyncVectorEnv` of 16 envs, one subprocess each (Gymnasium's multi-core default);
+- `BatchedHalfCheetah` of 16 envs in this process (one `mujoco.rollout` call per step);
 - Ray actors, one per core, each holding a `SyncVectorEnv` of 16 / cores envs and a copy of
   the policy, collecting in parallel; the batches come back through Ray's object store.
 
@@ -22,6 +23,7 @@ import time
 import gymnasium as gym
 import torch
 
+from bilevel.envs.batched_mujoco import BatchedHalfCheetah
 from bilevel.nets import GaussianMLPPolicy
 from bilevel.rl import collect, make_vector_env
 
@@ -37,9 +39,17 @@ def _policy_fn(policy: GaussianMLPPolicy, generator: torch.Generator):
     return policy_fn
 
 
-def vector_rate(steps: int, asynchronous: bool) -> float:
+def _envs(num_envs: int, kind: str):
+    if kind == "batched":
+        return BatchedHalfCheetah(num_envs)
+    return make_vector_env(lambda: gym.make("HalfCheetah-v5"), num_envs, asynchronous=kind == "async")
+
+
+def vector_rate(steps: int, kind: str) -> float:
+    """Env steps per second of one process collecting from ``kind`` envs: ``sync``, ``async``
+    (one subprocess per env) or ``batched`` (`BatchedHalfCheetah`)."""
     torch.set_num_threads(1)
-    envs = make_vector_env(lambda: gym.make("HalfCheetah-v5"), NUM_ENVS, asynchronous=asynchronous)
+    envs = _envs(NUM_ENVS, kind)
     policy_fn = _policy_fn(GaussianMLPPolicy(17, 6), torch.Generator().manual_seed(0))
     collect(envs, policy_fn, 5, seed=0)
     start = time.perf_counter()
@@ -49,8 +59,9 @@ def vector_rate(steps: int, asynchronous: bool) -> float:
     return rate
 
 
-def ray_rate(steps: int, workers: int) -> tuple[float, float]:
-    """(env steps per second, seconds to start Ray and the actors)."""
+def ray_rate(steps: int, workers: int, kind: str = "sync") -> tuple[float, float]:
+    """(env steps per second, seconds to start Ray and the actors), each actor holding
+    ``NUM_ENVS / workers`` envs of ``kind``."""
     import ray
 
     begin = time.perf_counter()
@@ -60,7 +71,7 @@ def ray_rate(steps: int, workers: int) -> tuple[float, float]:
     class Collector:
         def __init__(self, num_envs: int, seed: int) -> None:
             torch.set_num_threads(1)
-            self.envs = make_vector_env(lambda: gym.make("HalfCheetah-v5"), num_envs)
+            self.envs = _envs(num_envs, kind)
             self.policy = GaussianMLPPolicy(17, 6)
             self.policy_fn = _policy_fn(self.policy, torch.Generator().manual_seed(seed))
             self.seed = seed
@@ -85,9 +96,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="vector steps (each NUM_ENVS env steps)")
     args = parser.parse_args()
     workers = os.cpu_count() or 1
-    sync = vector_rate(args.steps, asynchronous=False)
-    asynchronous = vector_rate(args.steps, asynchronous=True)
+    sync = vector_rate(args.steps, "sync")
+    asynchronous = vector_rate(args.steps, "async")
+    batched = vector_rate(args.steps, "batched")
     ray_steps, ray_startup = ray_rate(args.steps, workers)
+    ray_batched, ray_batched_startup = ray_rate(args.steps, workers, "batched")
     print(f"HalfCheetah-v5, {NUM_ENVS} envs, {args.steps} vector steps, {workers} cores")
     print("| collector | env steps/s | against Sync |")
     print("|---|---:|---:|")
@@ -95,6 +108,9 @@ def main() -> None:
     print(f"| AsyncVectorEnv, {NUM_ENVS} subprocesses | {asynchronous:,.0f} | {asynchronous / sync:.2f} |")
     print(f"| Ray, {workers} actors x {NUM_ENVS // workers} envs (start {ray_startup:.1f} s, not counted) | "
           f"{ray_steps:,.0f} | {ray_steps / sync:.2f} |")
+    print(f"| BatchedHalfCheetah, 1 process | {batched:,.0f} | {batched / sync:.2f} |")
+    print(f"| Ray, {workers} actors x BatchedHalfCheetah({NUM_ENVS // workers}) (start {ray_batched_startup:.1f} s) | "
+          f"{ray_batched:,.0f} | {ray_batched / sync:.2f} |")
     print(f"command: .venv/bin/python benchmarks/parallel_collection.py --steps {args.steps}")
 
 
