@@ -265,7 +265,8 @@ def summary_rows(run_dirs: list[str | Path], metric: str = "return", last: int =
 def summary_markdown(rows: list[dict[str, Any]], metric: str = "return", last: int = 5) -> str:
     """``rows`` of `summary_rows` as a Markdown table."""
     md = [f"| config | seeds | final {metric} (mean of last {last} rows) | standard error |", "|---|---:|---:|---:|"]
-    md += [f"| {r['config']} | {r['seeds']} | {r['mean']:.4g} | {r['stderr']:.2g} |" for r in rows]
+    md += [f"| {r['config']} | {r['seeds']} | {r['mean']:.4g} | "
+           f"{format(r['stderr'], '.2g') if math.isfinite(r['stderr']) else 'n/a (one seed)'} |" for r in rows]
     return "\n".join(md) + "\n"
 
 
