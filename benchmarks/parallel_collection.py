@@ -4,8 +4,9 @@ Three ways to collect the same number of transitions with the same Gaussian MLP 
 - `SyncVectorEnv` of 16 envs in this process (`bilevel.rl.collect`);
 - `AsyncVectorEnv` of 16 envs, one subprocess each (Gymnasium's multi-core default);
 - `BatchedHalfCheetah` of 16 envs in this process (one `mujoco.rollout` call per step);
-- Ray actors, one per core, each holding a `SyncVectorEnv` of 16 / cores envs and a copy of
-  the policy, collecting in parallel; the batches come back through Ray's object store.
+- `bilevel.rl.distributed.RayCollector`: Ray actors, one per core, each holding a vector env of
+  16 / cores envs and a copy of the policy, collecting in parallel; the batches come back
+  through Ray's object store.
 
 On one machine the question is whether Ray's scheduling and serialisation cost less than
 what a second core gains; across machines Ray is the only one of the three that scales, and
@@ -17,6 +18,7 @@ Run: ``.venv/bin/python benchmarks/parallel_collection.py [--steps 200]``
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -26,17 +28,9 @@ import torch
 from bilevel.envs.batched_mujoco import BatchedHalfCheetah
 from bilevel.nets import GaussianMLPPolicy
 from bilevel.rl import collect, make_vector_env
+from bilevel.rl.distributed import RayCollector, sampling_policy_fn
 
 NUM_ENVS = 16
-
-
-def _policy_fn(policy: GaussianMLPPolicy, generator: torch.Generator):
-    def policy_fn(obs):
-        dist = policy(obs)
-        actions = dist.sample(generator=generator)
-        return actions, dist.log_prob(actions)
-
-    return policy_fn
 
 
 def _envs(num_envs: int, kind: str):
@@ -50,7 +44,7 @@ def vector_rate(steps: int, kind: str) -> float:
     (one subprocess per env) or ``batched`` (`BatchedHalfCheetah`)."""
     torch.set_num_threads(1)
     envs = _envs(NUM_ENVS, kind)
-    policy_fn = _policy_fn(GaussianMLPPolicy(17, 6), torch.Generator().manual_seed(0))
+    policy_fn = sampling_policy_fn(GaussianMLPPolicy(17, 6), torch.Generator().manual_seed(0))
     collect(envs, policy_fn, 5, seed=0)
     start = time.perf_counter()
     collect(envs, policy_fn, steps, seed=0)
@@ -60,33 +54,21 @@ def vector_rate(steps: int, kind: str) -> float:
 
 
 def ray_rate(steps: int, workers: int, kind: str = "sync") -> tuple[float, float]:
-    """(env steps per second, seconds to start Ray and the actors), each actor holding
-    ``NUM_ENVS / workers`` envs of ``kind``."""
+    """(env steps per second, seconds to start Ray and the actors) of a `RayCollector` whose
+    ``workers`` actors each hold ``NUM_ENVS / workers`` envs of ``kind``."""
     import ray
 
     begin = time.perf_counter()
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-
-    @ray.remote(num_cpus=1)
-    class Collector:
-        def __init__(self, num_envs: int, seed: int) -> None:
-            torch.set_num_threads(1)
-            self.envs = _envs(num_envs, kind)
-            self.policy = GaussianMLPPolicy(17, 6)
-            self.policy_fn = _policy_fn(self.policy, torch.Generator().manual_seed(seed))
-            self.seed = seed
-
-        def collect(self, policy_state: dict, steps: int):
-            self.policy.load_state_dict(policy_state)
-            return collect(self.envs, self.policy_fn, steps, seed=self.seed)
-
-    collectors = [Collector.remote(NUM_ENVS // workers, i) for i in range(workers)]
-    state = GaussianMLPPolicy(17, 6).state_dict()
-    ray.get([c.collect.remote(state, 5) for c in collectors])
+    collector = RayCollector(functools.partial(_envs, NUM_ENVS // workers, kind),
+                             functools.partial(GaussianMLPPolicy, 17, 6), workers)
+    params = GaussianMLPPolicy(17, 6).state_dict()
+    collector.collect(params, 5, seed=0)
     startup = time.perf_counter() - begin
     start = time.perf_counter()
-    batches = ray.get([c.collect.remote(state, steps) for c in collectors])
-    rate = sum(b.num_steps * b.batch_size for b in batches) / (time.perf_counter() - start)
+    batch = collector.collect(params, steps, seed=0)
+    rate = batch.num_steps * batch.batch_size / (time.perf_counter() - start)
+    collector.close()
     ray.shutdown()
     return rate, startup
 

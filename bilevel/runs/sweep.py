@@ -174,6 +174,24 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise ValueError(f"could not reach a Ray cluster at {address!r}: {error}") from None
 
 
+def init_ray(address: str | None = None, **options: Any) -> None:
+    """Start a local Ray on this machine (``address`` None: every core, no dashboard) or join
+    the cluster at ``address``; an unreachable address raises ``ValueError`` naming it."""
+    import ray
+
+    if address is not None:
+        check_reachable(address)
+    init_options: dict[str, Any] = {"log_to_driver": False, **options}
+    if address is None:
+        init_options.update(include_dashboard=False, _node_ip_address="127.0.0.1")
+    elif address.split(":")[0] in ("127.0.0.1", "localhost"):
+        init_options["_node_ip_address"] = "127.0.0.1"
+    try:
+        ray.init(address=address, **init_options)
+    except ConnectionError as error:
+        raise ValueError(f"could not reach a Ray cluster at {address!r}: {error}") from None
+
+
 def run_sweep(
     spec: dict[str, Any],
     sweep_dir: str | Path,
@@ -203,15 +221,7 @@ def run_sweep(
 
     pending = [(i, t) for i, t in enumerate(trials) if not trial_finished(sweep_path / t.name, t.values["iterations"])]
     resources = {"num_cpus": 1, "num_gpus": 0, "max_retries": 3, **spec.get("resources", {})}
-    init_options: dict[str, Any] = {"log_to_driver": False}
-    if address is None:
-        init_options.update(include_dashboard=False, _node_ip_address="127.0.0.1")
-    elif address.split(":")[0] in ("127.0.0.1", "localhost"):
-        init_options["_node_ip_address"] = "127.0.0.1"
-    try:
-        ray.init(address=address, **init_options)
-    except ConnectionError as error:
-        raise ValueError(f"could not reach a Ray cluster at {address!r}: {error}") from None
+    init_ray(address)
     try:
         remote = ray.remote(_run_trial).options(
             num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
