@@ -27,7 +27,7 @@ from bilevel._checks import scalar_valued
 from bilevel.linalg import SolveInfo, conjugate_gradient, hessian_vector_operator
 from bilevel.tree import Tree
 
-__all__ = ["TRPOInfo", "trpo_step"]
+__all__ = ["TRPOInfo", "TRPOSettings", "trpo_step"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +118,40 @@ def trpo_step(
     info = TRPOInfo(float(loss_before), float(loss_before), 0.0, expected_improvement,
                     max_backtracks, False, 0.0, cg_info)
     return params, info
+
+
+@dataclass
+class TRPOSettings:
+    """`trpo_step`'s settings as config fields, for the learners whose outer step it is
+    (defaults: pytorch-maml-rl's and MB-MPO's). A config lists it before ``RunConfig`` among
+    its bases, so that its `validate` runs and then passes on."""
+
+    max_kl: float = 0.01
+    """The TRPO trust-region radius delta on the mean KL."""
+    cg_iters: int = 10
+    """Conjugate-gradient iterations for the natural-gradient direction."""
+    cg_damping: float = 1e-5
+    """Damping added to the Fisher matrix in the conjugate-gradient solve."""
+    ls_backtracks: int = 15
+    """Line-search steps tried."""
+    ls_ratio: float = 0.8
+    """Line-search step shrink factor."""
+
+    def validate(self) -> None:
+        if not self.max_kl > 0:
+            raise ValueError(f"`max_kl` must be > 0; got {self.max_kl}")
+        for name in ("cg_iters", "ls_backtracks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
+        if not self.cg_damping >= 0:
+            raise ValueError(f"`cg_damping` must be >= 0; got {self.cg_damping}")
+        if not 0 < self.ls_ratio < 1:
+            raise ValueError(f"`ls_ratio` must lie in (0, 1); got {self.ls_ratio}")
+        parent = super()
+        if hasattr(parent, "validate"):
+            parent.validate()
+
+    def trpo_options(self) -> dict[str, float | int]:
+        """The keyword arguments of `trpo_step` these settings give."""
+        return {"max_kl": self.max_kl, "cg_iters": self.cg_iters, "damping": self.cg_damping,
+                "backtrack_ratio": self.ls_ratio, "max_backtracks": self.ls_backtracks}

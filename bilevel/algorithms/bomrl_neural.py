@@ -69,7 +69,7 @@ from bilevel.rl.meta_batches import (
 )
 from bilevel.runs import Learner, RunConfig, derive_seed, register
 from bilevel.tree import Tree
-from bilevel.trpo import trpo_step
+from bilevel.trpo import TRPOSettings, trpo_step
 
 __all__ = [
     "DISTANCES",
@@ -216,7 +216,7 @@ def meta_kl(policy: nn.Module, old_params: Tree, data: TaskData) -> Callable[[Tr
 
 
 @dataclasses.dataclass
-class BOMRLNeuralConfig(RunConfig):
+class BOMRLNeuralConfig(TRPOSettings, RunConfig):
     """BO-MRL with a Gaussian MLP policy; the adaptation defaults are the authors' HalfCheetah-vel ones."""
 
     env: str = NAVIGATION
@@ -243,16 +243,6 @@ class BOMRLNeuralConfig(RunConfig):
     """Damping added to the Hessian of the regularised objective in that solve."""
     implicit_tol: float = 1e-2
     """Relative residual under which that solve counts as converged (diagnostics and warning)."""
-    max_kl: float = 0.01
-    """The TRPO trust-region radius delta on the meta-policy's mean KL."""
-    cg_iters: int = 10
-    """Conjugate-gradient iterations for the TRPO natural-gradient direction."""
-    cg_damping: float = 1e-5
-    """Damping added to the Fisher matrix in the TRPO solve."""
-    ls_backtracks: int = 15
-    """Line-search steps tried."""
-    ls_ratio: float = 0.8
-    """Line-search step shrink factor."""
     gamma: float = 0.99
     """Discount factor of the advantages."""
     gae_lambda: float = 1.0
@@ -275,8 +265,6 @@ class BOMRLNeuralConfig(RunConfig):
             "episodes_per_task",
             "adapt_steps",
             "implicit_cg_iters",
-            "cg_iters",
-            "ls_backtracks",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -284,14 +272,12 @@ class BOMRLNeuralConfig(RunConfig):
         for name in ("horizon", "num_envs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
-        for name in ("lam", "adapt_lr", "max_kl"):
+        for name in ("lam", "adapt_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0; got {getattr(self, name)}")
-        for name in ("implicit_damping", "implicit_tol", "cg_damping"):
+        for name in ("implicit_damping", "implicit_tol"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
-        if not 0 < self.ls_ratio < 1:
-            raise ValueError(f"`ls_ratio` must lie in (0, 1); got {self.ls_ratio}")
         for name in ("gamma", "gae_lambda"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"`{name}` must lie in [0, 1]; got {getattr(self, name)}")
@@ -404,11 +390,7 @@ class BOMRLNeural(Learner):
             linear_loss,
             meta_kl(self.policy, meta_params, train),
             meta_params,
-            max_kl=config.max_kl,
-            cg_iters=config.cg_iters,
-            damping=config.cg_damping,
-            backtrack_ratio=config.ls_ratio,
-            max_backtracks=config.ls_backtracks,
+            **config.trpo_options(),
         )
         self.env_steps += int(train_episodes.valid.sum()) + int(fresh_episodes.valid.sum())
         return_before = float(train_episodes.episode_returns().mean())

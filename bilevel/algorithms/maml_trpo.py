@@ -61,7 +61,7 @@ from bilevel.rl.meta_batches import (
 )
 from bilevel.runs import Learner, RunConfig, derive_seed, register
 from bilevel.tree import Tree
-from bilevel.trpo import TRPOInfo, trpo_step
+from bilevel.trpo import TRPOInfo, TRPOSettings, trpo_step
 
 __all__ = [
     "MAMLTRPO",
@@ -142,7 +142,7 @@ def meta_objectives(train: TaskData, valid: TaskData, behaviour: Behaviour,
 
 
 @dataclasses.dataclass
-class MAMLTRPOConfig(RunConfig):
+class MAMLTRPOConfig(TRPOSettings, RunConfig):
     """MAML-TRPO with pytorch-maml-rl's defaults."""
 
     env: str = NAVIGATION
@@ -161,16 +161,6 @@ class MAMLTRPOConfig(RunConfig):
     """Inner SGD steps on the train batch."""
     first_order: bool = False
     """Treat the inner gradients as constants (first-order MAML)."""
-    max_kl: float = 0.01
-    """The TRPO trust-region radius delta on the mean KL."""
-    cg_iters: int = 10
-    """Conjugate-gradient iterations for the natural-gradient direction."""
-    cg_damping: float = 1e-5
-    """Damping added to the Fisher matrix in the conjugate-gradient solve."""
-    ls_backtracks: int = 15
-    """Line-search steps tried."""
-    ls_ratio: float = 0.8
-    """Line-search step shrink factor."""
     gamma: float = 0.99
     """Discount factor."""
     gae_lambda: float = 1.0
@@ -186,20 +176,15 @@ class MAMLTRPOConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        positive = ("meta_batch_size", "episodes_per_task", "inner_steps", "cg_iters", "ls_backtracks")
+        positive = ("meta_batch_size", "episodes_per_task", "inner_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
         for name in ("horizon", "num_envs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
-        for name in ("inner_lr", "max_kl"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"`{name}` must be > 0; got {getattr(self, name)}")
-        if self.cg_damping < 0:
-            raise ValueError(f"`cg_damping` must be >= 0; got {self.cg_damping}")
-        if not 0 < self.ls_ratio < 1:
-            raise ValueError(f"`ls_ratio` must lie in (0, 1); got {self.ls_ratio}")
+        if not self.inner_lr > 0:
+            raise ValueError(f"`inner_lr` must be > 0; got {self.inner_lr}")
         for name in ("gamma", "gae_lambda"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"`{name}` must lie in [0, 1]; got {getattr(self, name)}")
@@ -268,9 +253,7 @@ class MAMLTRPO(Learner):
         behaviour = behaviour_of(self.policy, adapted_params, valid)
 
         meta_loss, meta_kl = meta_objectives(train, valid, behaviour, inner)
-        self.meta_params, info = trpo_step(meta_loss, meta_kl, self.meta_params, max_kl=config.max_kl,
-                                           cg_iters=config.cg_iters, damping=config.cg_damping,
-                                           backtrack_ratio=config.ls_ratio, max_backtracks=config.ls_backtracks)
+        self.meta_params, info = trpo_step(meta_loss, meta_kl, self.meta_params, **config.trpo_options())
         self.env_steps += int(train_episodes.valid.sum()) + int(valid_episodes.valid.sum())
         return_before = float(train_episodes.episode_returns().mean())
         return_after = float(valid_episodes.episode_returns().mean())

@@ -75,7 +75,7 @@ from bilevel.rl import Imagined, collect_episodes, imagine, importance_weighted_
 from bilevel.rl.trajectories import Trajectories
 from bilevel.runs import Learner, RunConfig, derive_seed, register
 from bilevel.tree import Tree
-from bilevel.trpo import TRPOInfo, trpo_step
+from bilevel.trpo import TRPOInfo, TRPOSettings, trpo_step
 
 __all__ = [
     "ENV_IDS",
@@ -374,7 +374,7 @@ def collect_real(env_name: str, horizon: int, policy_fn: Callable[[Tensor], tupl
 
 
 @dataclasses.dataclass
-class MBMPOConfig(RunConfig):
+class MBMPOConfig(TRPOSettings, RunConfig):
     """MB-MPO with the minimum attention penalty; defaults after MB-MPO and MBPO (see anchors)."""
 
     env: str = "halfcheetah"
@@ -414,16 +414,6 @@ class MBMPOConfig(RunConfig):
     """Inner SGD steps."""
     first_order: bool = False
     """Treat the inner gradients as constants."""
-    max_kl: float = 0.01
-    """TRPO trust-region radius on the mean KL."""
-    cg_iters: int = 10
-    """Conjugate-gradient iterations."""
-    cg_damping: float = 1e-5
-    """Damping added to the Fisher matrix."""
-    ls_backtracks: int = 15
-    """Line-search steps tried."""
-    ls_ratio: float = 0.8
-    """Line-search shrink factor."""
     gamma: float = 0.99
     """Discount factor."""
     gae_lambda: float = 1.0
@@ -453,16 +443,15 @@ class MBMPOConfig(RunConfig):
         if self.env not in ENV_IDS:
             raise ValueError(f"`env` must be one of {list(ENV_IDS)}; got {self.env!r}")
         positive = ("horizon", "episodes_per_model", "meta_steps", "imagined_trajectories", "inner_steps",
-                    "cg_iters", "ls_backtracks", "ensemble_size", "num_elites", "model_max_epochs",
-                    "model_batch_size")
+                    "ensemble_size", "num_elites", "model_max_epochs", "model_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
         for name in ("initial_random_steps", "imagined_horizon", "threads", "attention_weight", "spatial_weight",
-                     "temporal_weight", "cg_damping", "state_margin"):
+                     "temporal_weight", "state_margin"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
-        for name in ("inner_lr", "max_kl", "model_lr"):
+        for name in ("inner_lr", "model_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0; got {getattr(self, name)}")
         if self.num_elites > self.ensemble_size:
@@ -470,8 +459,6 @@ class MBMPOConfig(RunConfig):
         if self.initial_random_steps < self.horizon:
             raise ValueError(f"`initial_random_steps` must be >= horizon ({self.horizon}) to give a first episode; "
                              f"got {self.initial_random_steps}")
-        if not 0 < self.ls_ratio < 1:
-            raise ValueError(f"`ls_ratio` must lie in (0, 1); got {self.ls_ratio}")
         for name in ("gamma", "gae_lambda"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"`{name}` must lie in [0, 1]; got {getattr(self, name)}")
@@ -599,8 +586,7 @@ class MBMPO(Learner):
         post = self._imagine(adapted_params, self._start_states(generator), generator, per_model=True)
         c = self.config
         self.meta_params, info = meta_update(self.meta_params, pre, post, adapted_params, self.inner_loop(),
-                                             max_kl=c.max_kl, cg_iters=c.cg_iters, damping=c.cg_damping,
-                                             backtrack_ratio=c.ls_ratio, max_backtracks=c.ls_backtracks)
+                                             **c.trpo_options())
         return {**trpo_metrics(info), "imagined_return_pre": imagined_pre,
                 "imagined_return_post": self.last_imagined_return}
 

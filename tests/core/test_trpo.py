@@ -97,3 +97,17 @@ def test_bad_arguments_are_named():
             trpo_step(loss_fn, kl_fn, params, **{name: value})
     with pytest.raises(ValueError, match="loss_fn"):
         trpo_step(lambda p: p["c"] * 2, kl_fn, params)
+
+
+def test_settings_give_trpo_step_keywords_and_name_a_bad_value():
+    import inspect
+
+    from bilevel.trpo import TRPOSettings
+
+    options = TRPOSettings(max_kl=0.02, ls_ratio=0.5).trpo_options()
+    assert set(options) <= set(inspect.signature(trpo_step).parameters)
+    assert options["max_kl"] == 0.02 and options["backtrack_ratio"] == 0.5
+    for bad, name in [({"max_kl": 0.0}, "max_kl"), ({"ls_ratio": 1.0}, "ls_ratio"),
+                      ({"cg_iters": 0}, "cg_iters"), ({"cg_damping": -1.0}, "cg_damping")]:
+        with pytest.raises(ValueError, match=name):
+            TRPOSettings(**bad).validate()
