@@ -47,6 +47,15 @@ class TRPOInfo:
     step_fraction: float
     cg: SolveInfo
 
+    def metrics(self) -> dict[str, float]:
+        """The record as floats for a metrics row: ``trpo_kl``, ``trpo_improvement`` (loss before minus
+        after), ``trpo_expected_improvement``, ``trpo_backtracks``, ``trpo_accepted``, ``trpo_step_fraction``,
+        ``surrogate_loss`` (before the step) and ``cg_residual`` (of the natural-gradient solve)."""
+        return {"trpo_kl": self.kl, "trpo_improvement": self.loss_before - self.loss_after,
+                "trpo_expected_improvement": self.expected_improvement, "trpo_backtracks": float(self.backtracks),
+                "trpo_accepted": float(self.accepted), "trpo_step_fraction": self.step_fraction,
+                "surrogate_loss": self.loss_before, "cg_residual": float(self.cg.residual_norm)}
+
 
 def _check(max_kl: float, cg_iters: int, damping: float, backtrack_ratio: float, max_backtracks: int) -> None:
     if not max_kl > 0:

@@ -59,7 +59,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from bilevel import tree
-from bilevel.algorithms.maml_trpo import Behaviour, TaskData, TaskEpisodes, standardized_advantages, trpo_metrics
 from bilevel.envs.perturbations import perturb as perturb_env
 from bilevel.envs.rewards import (
     half_cheetah_reward,
@@ -72,6 +71,7 @@ from bilevel.inner import unroll
 from bilevel.nets import DiagGaussian, GaussianMLPPolicy, ProbabilisticEnsemble, gaussian_kl, mean_action_fn
 from bilevel.regularizers import MinimumAttention, minimum_attention
 from bilevel.rl import Imagined, collect_episodes, imagine, importance_weighted_loss, masked_mean, reinforce_loss
+from bilevel.rl.meta_batches import Behaviour, TaskData, TaskEpisodes, standardized_advantages
 from bilevel.rl.trajectories import Trajectories
 from bilevel.runs import Learner, RunConfig, derive_seed, register
 from bilevel.tree import Tree
@@ -587,7 +587,7 @@ class MBMPO(Learner):
         c = self.config
         self.meta_params, info = meta_update(self.meta_params, pre, post, adapted_params, self.inner_loop(),
                                              **c.trpo_options())
-        return {**trpo_metrics(info), "imagined_return_pre": imagined_pre,
+        return {**info.metrics(), "imagined_return_pre": imagined_pre,
                 "imagined_return_post": self.last_imagined_return}
 
     def fit_models(self) -> dict[str, float]:

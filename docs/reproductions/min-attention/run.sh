@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# MB-MPO on HalfCheetah (horizon 200), alpha = 0 and alpha = 0.05, seed 0, toward 101k real steps
-# (5000 random + 24 iterations x 4000). Resumable: run it again (nohup runs/min-attention/run.sh
-# > runs/min-attention/run.log 2>&1 &) to continue each run from its last checkpoint; ITER=N raises the
-# target. A run whose process is still alive is left alone. Two processes, one thread each.
+# MB-MPO on HalfCheetah (horizon 200) toward 101k real steps (5000 random + 24 iterations x 4000), one
+# lane per alpha (ALPHAS, default "0 0.05"), each lane training its seeds (SEEDS, default "0 1 2") one
+# after another. Resumable: run it again (nohup docs/reproductions/min-attention/run.sh
+# > runs/min-attention/run.log 2>&1 &) to continue each run from its last checkpoint; ITER=N raises
+# the target. A lane whose run is still training (an earlier invocation) waits for it to end. The
+# package is copied to runs/min-attention/code at start, so edits to the working tree do not reach
+# the runs this invocation starts. One thread per process.
 set -u
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 ITER=${ITER:-24}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-for ALPHA in 0 0.05; do
-  RUN=runs/min-attention/alpha-$ALPHA-s0
-  if pgrep -f -- "$RUN( |\$)" >/dev/null; then
-    echo "$RUN is still training; not starting it again"
-    continue
-  fi
-  if [ -f "$RUN/config.json" ]; then
-    ARGS=(mbmpo --resume "$RUN" --iterations "$ITER" --no-progress)
+ALPHAS=${ALPHAS:-0 0.05}
+SEEDS=${SEEDS:-0 1 2}
+SNAP=runs/min-attention/code
+mkdir -p runs/min-attention
+rm -rf "$SNAP.new" && mkdir -p "$SNAP.new" && cp -r bilevel "$SNAP.new/" && rm -rf "$SNAP" && mv "$SNAP.new" "$SNAP"
+export PYTHONPATH=$PWD/$SNAP OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+train() {  # ALPHA SEED
+  local run=runs/min-attention/alpha-$1-s$2 args
+  while pgrep -f -- "$run( |\$)" >/dev/null; do sleep 60; done
+  if [ -f "$run/config.json" ]; then
+    args=(mbmpo --resume "$run" --iterations "$ITER" --no-progress)
   else
-    ARGS=(mbmpo --env halfcheetah --seed 0 --attention-weight "$ALPHA" --iterations "$ITER"
+    args=(mbmpo --env halfcheetah --seed "$2" --attention-weight "$1" --iterations "$ITER"
           --initial-random-steps 5000 --episodes-per-model 4 --meta-steps 15 --imagined-trajectories 20
-          --checkpoint-every 1 --threads 1 --device cpu --no-progress --run-dir "$RUN")
+          --checkpoint-every 1 --threads 1 --device cpu --no-progress --run-dir "$run")
   fi
-  .venv/bin/bilevel train "${ARGS[@]}" >> "runs/min-attention/alpha-$ALPHA-s0.log" 2>&1 &
+  echo "$(date -u +%FT%TZ) $run -> $ITER"
+  .venv/bin/bilevel train "${args[@]}" >> "$run.log" 2>&1
+  echo "$(date -u +%FT%TZ) $run exit $?"
+}
+
+for ALPHA in $ALPHAS; do
+  ( for SEED in $SEEDS; do train "$ALPHA" "$SEED"; done ) &
 done
 wait
