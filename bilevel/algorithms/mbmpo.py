@@ -88,12 +88,16 @@ __all__ = [
     "adapt",
     "adapt_models",
     "attention_terms",
+    "evaluation_curves",
     "imagine_models",
     "mean_abs_jacobian",
     "meta_objectives",
     "meta_update",
     "model_data",
+    "ood_markdown",
+    "ood_summary",
     "plot_mbmpo",
+    "samples_to_fraction",
     "shaping_penalty",
 ]
 
@@ -732,6 +736,73 @@ def mean_abs_jacobian(learner: MBMPO, num_states: int = 2000) -> Tensor:
     return jacobians.abs().mean(0)
 
 
+def samples_to_fraction(samples: list[float], returns: list[float], reference: float,
+                        fraction: float = 0.9) -> float:
+    """The fewest real adaptation steps ``samples[k]`` after which ``returns[k] >= reference - (1 - fraction)
+    |reference|`` (``fraction`` of a positive ``reference``); ``inf`` when no round reaches it."""
+    if len(samples) != len(returns):
+        raise ValueError(f"`samples` and `returns` differ in length: {len(samples)} and {len(returns)}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"`fraction` must lie in (0, 1]; got {fraction}")
+    threshold = reference - (1 - fraction) * abs(reference)
+    return next((float(n) for n, r in zip(samples, returns, strict=True) if r >= threshold), math.inf)
+
+
+def evaluation_curves(run_dir: str | Path) -> dict[str, tuple[list[float], list[float]]]:
+    """``{perturbation: (samples_k, return_k)}`` from the ``eval*.json`` files of an mbmpo run folder (written by
+    ``bilevel eval RUN --perturb P``; copies with the same contents count once; ``none`` is the training
+    dynamics)."""
+    curves = {}
+    for text in sorted({path.read_text() for path in Path(run_dir).glob("eval*.json")}):
+        result = json.loads(text)
+        rounds = sorted(int(k.split("_")[1]) for k in result if k.startswith("return_"))
+        perturbation = str(result["options"].get("perturb") or "none")
+        curves[perturbation] = ([result[f"samples_{k}"] for k in rounds], [result[f"return_{k}"] for k in rounds])
+    return curves
+
+
+def ood_summary(run_dirs: list[str | Path], fraction: float = 0.9) -> list[dict[str, Any]]:
+    """Per (alpha, perturbation): the mean over the runs (seeds) of the return before adaptation (``return_0``)
+    and after the last round (``return_last``), and of the real steps each run needed to reach ``fraction``
+    of its own in-distribution return (``return_0`` of its ``none`` evaluation; `samples_to_fraction`), with
+    the number of runs that never reached it (``not_reached``, excluded from ``samples_to_fraction``, which is
+    ``inf`` when no run reached it). Runs without a ``none`` evaluation are skipped."""
+    from bilevel.runs.folder import RunFolder
+
+    cells: dict[tuple[float, str], list[tuple[float, float, float]]] = {}
+    for run_dir in run_dirs:
+        _, config = RunFolder(run_dir).read_config()
+        curves = evaluation_curves(run_dir)
+        if "none" not in curves:
+            continue
+        reference = curves["none"][1][0]
+        for perturbation, (samples, returns) in curves.items():
+            cells.setdefault((float(config["attention_weight"]), perturbation), []).append(
+                (returns[0], returns[-1], samples_to_fraction(samples, returns, reference, fraction)))
+    rows = []
+    for (alpha, perturbation), values in sorted(cells.items()):
+        reached = [n for _, _, n in values if math.isfinite(n)]
+        rows.append({"alpha": alpha, "perturbation": perturbation, "runs": len(values),
+                     "return_0": float(np.mean([v[0] for v in values])),
+                     "return_last": float(np.mean([v[1] for v in values])),
+                     "samples_to_fraction": float(np.mean(reached)) if reached else math.inf,
+                     "not_reached": len(values) - len(reached)})
+    return rows
+
+
+def ood_markdown(rows: list[dict[str, Any]], fraction: float = 0.9) -> str:
+    """`ood_summary` rows as a Markdown table."""
+    lines = [f"| alpha | perturbation | runs | return before adaptation | return after the last round | "
+             f"real steps to {fraction:.0%} of the in-distribution return |", "|---:|---|---:|---:|---:|---|"]
+    for row in rows:
+        steps = "not reached" if math.isinf(row["samples_to_fraction"]) else f"{row['samples_to_fraction']:,.0f}"
+        if row["not_reached"] and not math.isinf(row["samples_to_fraction"]):
+            steps += f" ({row['not_reached']} of {row['runs']} runs not reached)"
+        lines.append(f"| {row['alpha']:g} | {row['perturbation']} | {row['runs']} | {row['return_0']:.1f} | "
+                     f"{row['return_last']:.1f} | {steps} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     """The minimum-attention figures of ``run_dirs`` (mbmpo runs, any alphas and seeds) into ``out_dir``:
 
@@ -741,6 +812,7 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
       ``bilevel eval RUN --perturb ...``; copy ``eval.json`` to ``eval-PERTURB.json`` to keep several; files
       with the same contents count once),
       one panel per perturbation, one line per alpha (mean over seeds);
+    - ``ood.md``: `ood_summary` as a table (runs with a ``none`` evaluation);
     - ``jacobian_heatmap.png``: ``mean |d mu / d s|`` (action x state) of the meta-policy for alpha = 0 and the
       largest alpha, from the runs' checkpoints.
     """
@@ -784,14 +856,13 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     curves: dict[str, dict[float, list[tuple[list[float], list[float]]]]] = {}
     for alpha in alphas:
         for folder in by_alpha[alpha]:
-            texts = {path.read_text() for path in folder.path.glob("eval*.json")}
-            for text in sorted(texts):
-                result = json.loads(text)
-                rounds = sorted(int(k.split("_")[1]) for k in result if k.startswith("return_"))
-                perturbation = str(result["options"].get("perturb") or "none")
-                curve = ([result[f"samples_{k}"] for k in rounds], [result[f"return_{k}"] for k in rounds])
+            for perturbation, curve in evaluation_curves(folder.path).items():
                 curves.setdefault(perturbation, {}).setdefault(alpha, []).append(curve)
     if curves:
+        rows = ood_summary([folder.path for folder in folders])
+        if rows:
+            written.append(out_dir / "ood.md")
+            written[-1].write_text(ood_markdown(rows))
         fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.5), squeeze=False)
         for ax, (perturbation, per_alpha) in zip(axes[0], sorted(curves.items()), strict=True):
             for alpha, runs in sorted(per_alpha.items()):

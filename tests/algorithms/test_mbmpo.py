@@ -1,12 +1,14 @@
 """Minimum-attention MB-MPO: the penalised inner step, its batching, its effect, and runs from the CLI."""
 
 import json
+import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bilevel import cli, tree
-from bilevel.algorithms.maml_trpo import TaskData
 from bilevel.algorithms.mbmpo import (
     AttentionPenalty,
     InnerLoop,
@@ -17,9 +19,11 @@ from bilevel.algorithms.mbmpo import (
     imagine_models,
     meta_update,
     model_data,
+    samples_to_fraction,
 )
 from bilevel.envs.rewards import half_cheetah_reward
 from bilevel.nets import GaussianMLPPolicy, ProbabilisticEnsemble
+from bilevel.rl.meta_batches import TaskData
 from bilevel.runs.loop import load_learner
 
 TINY = ["--horizon", "10", "--initial-random-steps", "30", "--episodes-per-model", "1", "--meta-steps", "1",
@@ -188,12 +192,40 @@ def test_bilevel_plot_draws_the_mbmpo_figures(runs, tmp_path, capsys):
     assert cli.main(["eval", str(runs[0]), "--perturb", "mass", "--episodes", "1", "--adaptation-episodes", "1",
                      "--adaptation-steps", "1"]) == 0
     (runs[0] / "eval-mass.json").write_text((runs[0] / "eval.json").read_text())
+    assert cli.main(["eval", str(runs[0]), "--perturb", "None", "--episodes", "1", "--adaptation-episodes", "1",
+                     "--adaptation-steps", "1"]) == 0
     out = tmp_path / "plots" / "return.png"
     assert cli.main(["plot", *map(str, runs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.split()
-    for name in ("return.png", "alpha_sweep.png", "adaptation.png", "jacobian_heatmap.png"):
+    for name in ("return.png", "alpha_sweep.png", "adaptation.png", "jacobian_heatmap.png", "ood.md"):
         assert (out.parent / name).stat().st_size > 0
         assert str(out.parent / name) in printed
+    table = (out.parent / "ood.md").read_text().splitlines()
+    cells = [[cell.strip() for cell in row.split("|")[1:-1]] for row in table[2:]]
+    assert [row[:3] for row in cells] == [["0.5", "mass", "1"], ["0.5", "none", "1"]]
+    assert cells[1][5] == "0", "the in-distribution run reaches 90% of its own return before adaptation"
+
+
+@given(returns=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=8),
+       reference=st.floats(-1e3, 1e3, allow_nan=False), fraction=st.floats(0.05, 1.0))
+def test_samples_to_fraction_is_the_first_round_at_the_threshold(returns, reference, fraction):
+    samples = [1000.0 * k for k in range(len(returns))]
+    steps = samples_to_fraction(samples, returns, reference, fraction)
+    threshold = reference - (1 - fraction) * abs(reference)
+    reached = [k for k, r in enumerate(returns) if r >= threshold]
+    if reached:
+        assert steps == samples[reached[0]]
+    else:
+        assert math.isinf(steps)
+    if reference > 0:
+        assert all(r < fraction * reference for r in returns[:len(returns) if not reached else reached[0]])
+
+
+def test_samples_to_fraction_rejects_bad_input():
+    with pytest.raises(ValueError, match="fraction"):
+        samples_to_fraction([0.0], [1.0], 1.0, fraction=0.0)
+    with pytest.raises(ValueError, match="differ in length"):
+        samples_to_fraction([0.0, 1.0], [1.0], 1.0)
 
 
 def test_imagination_clips_actions_and_states_and_steps_the_model_mean():
