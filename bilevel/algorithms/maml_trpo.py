@@ -173,6 +173,9 @@ class MAMLTRPOConfig(TRPOSettings, RunConfig):
     """MuJoCo families: sub-environments per task's vector env; 0 means episodes_per_task."""
     asynchronous: bool = False
     """MuJoCo families: step the sub-environments in worker processes."""
+    batched_envs: bool = True
+    """HalfCheetah families: step all tasks' episodes as one `BatchedHalfCheetah` (false: Gymnasium vector
+    envs, one per task; ``asynchronous`` also selects those)."""
 
     def validate(self) -> None:
         super().validate()
@@ -221,7 +224,7 @@ class MAMLTRPO(Learner):
                                         init_log_std=config.init_log_std).to(device)
         self.meta_params = tree.detach(tree.params_of(self.policy))
         self.sampler = TaskSampler(config.env, self.family, self.policy, config.episode_horizon, device,
-                                   config.num_envs, config.asynchronous)
+                                   config.num_envs, config.asynchronous, config.batched_envs)
 
     def inner_loop(self, steps: int | None = None, first_order: bool | None = None) -> InnerLoop:
         """The config's `InnerLoop`, with ``steps`` and ``first_order`` overridable."""

@@ -13,6 +13,10 @@ distribution and time limit are those of ``gymnasium.envs.mujoco.half_cheetah_v5
     r   = reward_fn(v, a)                            default: forward_weight * v - 0.1 ||a||^2
     reset: qpos = init_qpos + U(-0.1, 0.1),  qvel = init_qvel + 0.1 N(0, 1)
 
+Each env draws its resets from its own generator, seeded like a Gymnasium vector env's
+sub-environments (``reset(seed=s)`` seeds env ``i`` with ``s + i``, or with ``s[i]`` for a
+list), so env ``i`` starts from the state a ``HalfCheetah-v5`` reset with that seed starts from.
+
 It autoresets in next-step mode (the step after an episode ends returns the reset
 observation with reward 0 and ignores the action), like `bilevel.rl.make_vector_env`.
 The task families build it with per-environment rewards (`velocity_rewards`,
@@ -112,23 +116,28 @@ class BatchedHalfCheetah(VectorEnv):
         self._models = [self.model] * num_envs
         self._elapsed = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(num_envs, dtype=bool)
-        self._rng = np.random.default_rng()
+        self._rngs = [np.random.default_rng() for _ in range(num_envs)]
 
     def _reset_states(self, mask: np.ndarray) -> None:
-        count, scale = int(mask.sum()), self.reset_noise_scale
-        state = np.zeros((count, self._state.shape[1]))
-        state[:, self._qpos] = self.init_qpos + self._rng.uniform(-scale, scale, (count, self.model.nq))
-        state[:, self._qvel] = self.init_qvel + scale * self._rng.standard_normal((count, self.model.nv))
-        self._state[mask] = state
+        scale = self.reset_noise_scale
+        for i in np.flatnonzero(mask):
+            rng = self._rngs[i]
+            self._state[i] = 0.0
+            self._state[i, self._qpos] = self.init_qpos + rng.uniform(-scale, scale, self.model.nq)
+            self._state[i, self._qvel] = self.init_qvel + scale * rng.standard_normal(self.model.nv)
         self._elapsed[mask] = 0
 
     def _observe(self) -> np.ndarray:
         return np.concatenate([self._state[:, self._qpos][:, 1:], self._state[:, self._qvel]], axis=1)
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        """Reset every env; ``seed`` seeds the batch's one generator. Returns ``(obs [N, 17], {})``."""
+    def reset(self, *, seed: int | Sequence[int] | None = None, options: dict[str, Any] | None = None):
+        """Reset every env. ``seed`` (an int ``s``: env ``i`` gets ``s + i``; or ``N`` ints) reseeds the
+        envs' generators as Gymnasium's ``reset(seed=...)`` does. Returns ``(obs [N, 17], {})``."""
         if seed is not None:
-            self._rng = np.random.default_rng(seed)
+            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, (int, np.integer)) else list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"`seed` must be an int or {self.num_envs} ints; got {len(seeds)} seeds")
+            self._rngs = [np.random.default_rng(int(s)) for s in seeds]
         self._reset_states(np.ones(self.num_envs, dtype=bool))
         self._needs_reset[:] = False
         return self._observe(), {}

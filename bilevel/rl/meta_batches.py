@@ -1,8 +1,10 @@
 """Per-task episode batches for on-policy meta-RL on a task family.
 
 What MAML-TRPO and BO-MRL share: episodes of a Gaussian policy on ``N`` tasks of a family
-(2-D navigation stepped as one torch batch, the MuJoCo families through Gymnasium vector
-envs), per-task advantages, and the before/after-adaptation evaluation on held-out tasks.
+(2-D navigation stepped as one torch batch; the families with ``make_batched_env``, the
+HalfCheetah ones, as one `BatchedHalfCheetah` over all tasks' episodes; the other MuJoCo
+families through Gymnasium vector envs, one per task), per-task advantages, and the
+before/after-adaptation evaluation on held-out tasks.
 
 Shape convention: ``N`` tasks, ``T`` steps (the horizon), ``B`` episodes per task, ``D`` and
 ``A`` the observation and action sizes; per-task tensors are time-major ``[T, B, ...]`` and
@@ -47,6 +49,7 @@ __all__ = [
     "episode_ends",
     "held_out_tasks",
     "policy_actions",
+    "sample_batched_tasks",
     "sample_gym_tasks",
     "sample_navigation",
     "space_sizes",
@@ -212,6 +215,7 @@ def sample_gym_tasks(
 ) -> TaskEpisodes:
     """``episodes`` episodes per task with `collect_episodes` on a vector env of ``num_envs`` copies of
     ``family.make_env(task)`` (a loop over tasks); task ``i`` resets with seeds from ``env_seed + i * 10^6``."""
+
     batches = []
     for task_index, task in enumerate(tasks):
         task_params = tree.map(lambda leaf, i=task_index: leaf[i], params) if per_task else params
@@ -224,12 +228,78 @@ def sample_gym_tasks(
         )
         try:
             batch = collect_episodes(
-                envs, policy_fn, episodes, horizon=horizon, seed=env_seed + task_index * 10**6, device=device
+                envs, policy_fn, episodes, horizon=horizon, seed=env_seed + task_index * TASK_SEED_STRIDE, device=device
             )
         finally:
             envs.close()
         batches.append(_pad_time(batch, horizon))
     return TaskEpisodes(*(torch.stack(values) for values in zip(*batches, strict=True)))
+
+
+def _floats(array: np.ndarray, device: torch.device) -> Tensor:
+    return torch.as_tensor(np.asarray(array), device=device).to(torch.get_default_dtype())
+
+
+TASK_SEED_STRIDE = 10**6
+"""Task ``i``'s episode ``b`` resets with seed ``env_seed + i * TASK_SEED_STRIDE + b`` on both collection paths."""
+
+
+def sample_batched_tasks(
+    family: Any,
+    tasks: list[Any],
+    policy: nn.Module,
+    params: Tree,
+    episodes: int,
+    horizon: int,
+    generator: torch.Generator | None,
+    *,
+    per_task: bool,
+    env_seed: int,
+    num_envs: int,
+    device: torch.device | str = "cpu",
+) -> TaskEpisodes:
+    """``episodes`` episodes per task on one ``family.make_batched_env`` of ``N * C`` envs (``C =
+    min(num_envs, episodes)`` columns per task), all tasks stepped together; ``ceil(episodes / C)``
+    rounds of ``horizon`` steps. Episode ``b`` of task ``i`` resets with seed ``env_seed + i * 10^6 + b``,
+    as in `sample_gym_tasks`, so both paths start from the same states and give the same rewards for
+    the same actions (mean actions: ``generator=None``); stochastic actions are drawn ``[N, C, A]``
+    per step, in another order than `sample_gym_tasks`'s, so those batches agree in distribution only."""
+    device = torch.device(device)
+    count, columns = len(tasks), min(num_envs, episodes)
+    envs = family.make_batched_env([task for task in tasks for _ in range(columns)], max_episode_steps=horizon)
+    rounds = []
+    try:
+        for first in range(0, episodes, columns):
+            seeds = [env_seed + i * TASK_SEED_STRIDE + first + j for i in range(count) for j in range(columns)]
+            obs = _floats(envs.reset(seed=seeds)[0], device)
+            running = torch.ones(count * columns, dtype=torch.bool, device=device)
+            steps: dict[str, list[Tensor]] = {name: [] for name in ("obs", "actions", "rewards", "next_obs", "valid")}
+            for _ in range(horizon):
+                task_obs = obs.reshape(count, columns, -1)
+                actions = policy_actions(policy, params, task_obs, generator, per_task).reshape(count * columns, -1)
+                next_obs, rewards, terminated, truncated, _ = envs.step(actions.cpu().numpy())
+                next_obs = _floats(next_obs, device)
+                for name, value in (("obs", obs), ("actions", actions), ("next_obs", next_obs), ("valid", running),
+                                    ("rewards", _floats(rewards, device) * running)):
+                    steps[name].append(value)
+                running = running & ~torch.as_tensor(terminated | truncated, device=device)
+                if not running.any():
+                    break
+                obs = next_obs
+            rounds.append({name: torch.stack(values) for name, values in steps.items()})
+    finally:
+        envs.close()
+
+    def per_task_columns(value: Tensor) -> Tensor:
+        padded = torch.cat([value, value.new_zeros((horizon - value.shape[0], *value.shape[1:]))])
+        return padded.reshape(horizon, count, columns, *value.shape[2:]).movedim(1, 0)
+
+    joined = {
+        name: torch.cat([per_task_columns(round_[name]) for round_ in rounds], dim=2)[:, :, :episodes]
+        for name in rounds[0]
+    }
+    time = torch.arange(horizon, device=device)[None, :, None].expand_as(joined["valid"])
+    return TaskEpisodes(**joined, time=time * joined["valid"])
 
 
 def space_sizes(env: str, family: Any) -> tuple[int, int]:
@@ -253,8 +323,10 @@ def held_out_tasks(family: Any, count: int, key: int = HELD_OUT_TASKS_KEY) -> li
 @dataclasses.dataclass(frozen=True)
 class TaskSampler:
     """Episodes of ``policy`` on tasks of ``env``'s ``family``, ``horizon`` steps each: navigation as
-    one torch batch on ``device``, the MuJoCo families on vector envs of ``num_envs`` copies per task
-    (0: one per episode)."""
+    one torch batch on ``device``; families with ``make_batched_env`` as one batched env over all tasks
+    (`sample_batched_tasks`) unless ``batched_envs`` is False or ``asynchronous``; the other MuJoCo
+    families on Gymnasium vector envs (`sample_gym_tasks`). ``num_envs`` is the number of envs per
+    task (0: one per episode)."""
 
     env: str
     family: Any
@@ -263,6 +335,17 @@ class TaskSampler:
     device: torch.device
     num_envs: int = 0
     asynchronous: bool = False
+    batched_envs: bool = True
+
+    @property
+    def uses_batched_env(self) -> bool:
+        """Whether MuJoCo episodes are collected by `sample_batched_tasks`."""
+        return (
+            self.env != NAVIGATION
+            and self.batched_envs
+            and not self.asynchronous
+            and hasattr(self.family, "make_batched_env")
+        )
 
     def __call__(
         self,
@@ -279,6 +362,20 @@ class TaskSampler:
         if self.env == NAVIGATION:
             goals = goals_tensor(tasks, device=self.device)
             return sample_navigation(self.policy, params, goals, episodes, self.horizon, generator, per_task=per_task)
+        if self.uses_batched_env:
+            return sample_batched_tasks(
+                self.family,
+                tasks,
+                self.policy,
+                params,
+                episodes,
+                self.horizon,
+                generator,
+                per_task=per_task,
+                env_seed=env_seed,
+                num_envs=self.num_envs or episodes,
+                device=self.device,
+            )
         return sample_gym_tasks(
             self.family,
             tasks,
