@@ -20,8 +20,26 @@ therefore measured in standardised-advantage units. Distances, on the states of 
 - D2: ``mean_valid KL(pi_theta(.|s) || pi_phi(.|s))``;
 - D3: ``||theta - phi||^2`` over all parameters.
 
-The adaptation is ``steps`` Adam steps (`bilevel.inner.unroll`) from ``phi`` on the negated
-regularised objective; its solution is differentiated by `bilevel.implicit_root` on the
+The adaptation minimises the negated regularised objective ``L(theta) = lambda D(phi, theta) -
+J^(theta)`` from ``theta_0 = phi`` with one of two solvers (`ADAPT_SOLVERS`):
+
+- ``adam``: ``steps`` Adam steps (`bilevel.inner.unroll`), the authors' solver. It stops near, not
+  at, a stationary point, and the unclipped lower bound is not bounded above in ``theta`` (the ratio
+  ``pi_theta / pi_phi`` grows exponentially in a mean shift, D1 only quadratically), so it can run
+  away; ``clip > 0`` bounds it (`soft_clip`);
+- ``newton``: ``steps`` damped Newton-CG steps (Levenberg-Marquardt damping ``mu``, Nocedal & Wright
+  Sec. 7.1 and 10.3): ``(H + mu I) d = -g`` by ``cg_iters`` CG iterations on Hessian-vector products,
+  then the longest step ``t d``, ``t`` in ``{1, 1/2, ..., 2^-15}``, that satisfies Armijo's condition
+  ``L(theta + t d) <= L(theta) + 1e-4 t g.d`` (so ``L`` never increases); a failed line search multiplies
+  ``mu`` by 10 and keeps ``theta``, a success divides it by 3. It stops once ``||g|| <= tol``: the
+  stationary point the implicit hypergradient assumes.
+
+Either solver takes an optional trust region ``D(phi, theta) <= max_distance``: a step that would leave
+it is not taken (Adam: the adaptation stops there and returns its best iterate; Newton: the line
+search shortens the step). At a solution on the boundary the optimality condition is not ``g = 0``, so
+`BOMRLNeural.step` logs the optimality residual and the fraction of tasks stopped by the region.
+
+The solution is differentiated by `bilevel.implicit_root` on the
 optimality condition ``F(theta, phi) = grad_theta [lambda D(phi, theta) - J^(theta)] = 0``: conjugate
 gradient on the Hessian of the regularised objective, damped, with diagnostics. As in the
 paper's hypergradient, the data ``D_i`` (states, actions, advantages, ``log pi_phi`` at
@@ -38,12 +56,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch._C._functorch as _functorch
+import torchopt
 from torch import Tensor, nn
 from torch.func import vmap
 
@@ -52,6 +73,7 @@ from bilevel.algorithms.maml_trpo import SEED_PURPOSES, trpo_metrics
 from bilevel.envs import make_family
 from bilevel.implicit import ImplicitDiagnostics, LinearSolveWarning, implicit_root
 from bilevel.inner import adam, unroll
+from bilevel.linalg import conjugate_gradient
 from bilevel.nets import GaussianMLPPolicy, gaussian_kl
 from bilevel.rl import importance_weighted_loss, masked_mean, reinforce_loss
 from bilevel.rl.meta_batches import (
@@ -72,6 +94,7 @@ from bilevel.tree import Tree
 from bilevel.trpo import TRPOSettings, trpo_step
 
 __all__ = [
+    "ADAPT_SOLVERS",
     "DISTANCES",
     "Adaptation",
     "AdaptationBatch",
@@ -86,10 +109,14 @@ __all__ = [
     "lower_bound_gain",
     "meta_kl",
     "policy_gradient",
+    "soft_clip",
     "solve_adaptation",
 ]
 
 DISTANCES = ("D1", "D2", "D3")
+ADAPT_SOLVERS = ("adam", "newton")
+LINE_SEARCH_HALVINGS = 16
+ARMIJO = 1e-4
 
 
 class AdaptationBatch(NamedTuple):
@@ -106,14 +133,23 @@ class AdaptationBatch(NamedTuple):
 
 
 class Adaptation(NamedTuple):
-    """The within-task algorithm: ``steps`` Adam steps (learning rate ``lr``) on the lower bound
-    minus ``lam`` times the ``distance`` (``D1``, ``D2`` or ``D3``) of ``policy``'s parameters."""
+    """The within-task algorithm: ``steps`` steps of ``solver`` (``adam`` with learning rate ``lr``, or
+    ``newton`` with ``cg_iters`` CG iterations, initial damping ``damping`` and stopping tolerance ``tol``
+    on the gradient norm) on the lower bound minus ``lam`` times the ``distance`` (``D1``, ``D2`` or
+    ``D3``) of ``policy``'s parameters, within ``distance <= max_distance`` (module docstring); ``clip``
+    > 0 clips the importance ratio pessimistically (`soft_clip`)."""
 
     policy: nn.Module
     distance: str
     lam: float
     lr: float
     steps: int
+    solver: str = "adam"
+    max_distance: float = math.inf
+    cg_iters: int = 10
+    damping: float = 1e-2
+    tol: float = 1e-4
+    clip: float = 0.0
 
 
 def adaptation_batches(policy: nn.Module, meta_params: Tree, data: TaskData) -> AdaptationBatch:
@@ -123,11 +159,32 @@ def adaptation_batches(policy: nn.Module, meta_params: Tree, data: TaskData) -> 
     return AdaptationBatch(data.obs, data.actions, data.advantages, data.valid.to(data.advantages.dtype), log_probs)
 
 
-def lower_bound_gain(params: Tree, batch: AdaptationBatch, policy: nn.Module) -> Tensor:
+def soft_clip(ratios: Tensor, advantages: Tensor, clip: float) -> Tensor:
+    """The pessimistic smooth clip ``c(rho, A)``, elementwise: with ``x = rho - 1``,
+    ``1 + eps tanh(x / eps)`` where ``x A > 0`` (the ratio would raise the estimate) and ``rho`` elsewhere.
+
+    Since ``eps tanh(x / eps)`` lies between 0 and ``x``, ``c(rho, A) A <= rho A`` for every ``rho`` and
+    ``A``, with ``c A <= (1 + eps) max(A, 0)``; ``c`` is twice continuously differentiable in ``rho``
+    (``tanh(u) = u - u^3 / 3 + ...``), unlike PPO's ``min(rho A, clip(rho, 1 - eps, 1 + eps) A)`` (Schulman
+    et al. 2017, eq. 7), which it bounds from below and whose kinks keep a Newton solver off ``g = 0``."""
+    shifted = ratios - 1
+    optimistic = shifted * advantages > 0
+    return torch.where(optimistic, 1 + clip * torch.tanh(shifted / clip), ratios)
+
+
+def lower_bound_gain(params: Tree, batch: AdaptationBatch, policy: nn.Module, clip: float = 0.0) -> Tensor:
     """``J^(pi_theta) - J(pi_phi)`` up to the factor absorbed in lambda (module docstring): the
-    importance-weighted advantage ``mean_valid[pi_theta(a|s) / pi_phi(a|s) A]`` on one task's batch; scalar."""
+    importance-weighted advantage ``mean_valid[rho A]``, ``rho = pi_theta(a|s) / pi_phi(a|s)``, on one
+    task's batch; scalar. With ``clip = eps > 0``, ``mean_valid[c(rho, A) A]`` with the pessimistic smooth
+    clip `soft_clip`: it is ``<=`` the unclipped estimate for every ``theta``, so the paper's bound stays a
+    lower bound (a looser one), and it is ``<= (1 + eps) mean_valid[max(A, 0)]``, so the regularised
+    objective is bounded above and every ``theta`` that improves on ``phi`` (objective 0, standardised
+    ``A`` has mean 0) has ``lambda D(phi, theta) <= (1 + eps) mean_valid[max(A, 0)]``: no runaway."""
     log_probs = action_distribution(policy, params, batch.obs).log_prob(batch.actions)
-    return -importance_weighted_loss(log_probs, batch.log_probs, batch.advantages, batch.weights)
+    if clip == 0:
+        return -importance_weighted_loss(log_probs, batch.log_probs, batch.advantages, batch.weights)
+    ratios = torch.exp(log_probs - batch.log_probs)
+    return masked_mean(soft_clip(ratios, batch.advantages, clip) * batch.advantages, batch.weights)
 
 
 def distance(params: Tree, meta_params: Tree, batch: AdaptationBatch, policy: nn.Module, kind: str) -> Tensor:
@@ -148,7 +205,7 @@ def distance(params: Tree, meta_params: Tree, batch: AdaptationBatch, policy: nn
 def adaptation_loss(params: Tree, meta_params: Tree, batch: AdaptationBatch, adaptation: Adaptation) -> Tensor:
     """``lambda D(phi, theta) - (J^(theta) - J(phi))``, the negated regularised lower bound the
     adaptation minimises over ``theta = params``; scalar."""
-    gain = lower_bound_gain(params, batch, adaptation.policy)
+    gain = lower_bound_gain(params, batch, adaptation.policy, adaptation.clip)
     return adaptation.lam * distance(params, meta_params, batch, adaptation.policy, adaptation.distance) - gain
 
 
@@ -157,9 +214,98 @@ adaptation_residual = torch.func.grad(adaptation_loss)
 
 
 def solve_adaptation(init: Tree, meta_params: Tree, batch: AdaptationBatch, adaptation: Adaptation) -> Tree:
-    """``adaptation.steps`` Adam steps on `adaptation_loss` from ``init``; vmap-able over tasks."""
+    """``adaptation.steps`` steps of ``adaptation.solver`` on `adaptation_loss` from ``init`` (module
+    docstring); vmap-able over tasks (the stopping rules are masks, not branches)."""
+    if adaptation.solver not in ADAPT_SOLVERS:
+        raise ValueError(f"unknown adaptation `solver` {adaptation.solver!r}; choose one of {list(ADAPT_SOLVERS)}")
     loss = functools.partial(adaptation_loss, meta_params=meta_params, batch=batch, adaptation=adaptation)
-    return unroll(loss, init, adam(adaptation.lr), adaptation.steps)
+    if adaptation.solver == "newton":
+        return _newton_adaptation(loss, init, meta_params, batch, adaptation)
+    if math.isinf(adaptation.max_distance):
+        return unroll(loss, init, adam(adaptation.lr), adaptation.steps)
+    return _safeguarded_adam(loss, init, meta_params, batch, adaptation)
+
+
+def _all_false(flag: Tensor) -> bool:
+    """Whether ``flag`` is known to be False: never under ``vmap``, where it may differ per task."""
+    while _functorch.is_functorch_wrapped_tensor(flag):
+        if _functorch.is_batchedtensor(flag):
+            return False
+        flag = _functorch.get_unwrapped(flag)
+    return not bool(flag)
+
+
+def _where(condition: Tensor, a: Tree, b: Tree) -> Tree:
+    return tree.map(lambda x, y: torch.where(condition, x, y), a, b)
+
+
+def _inside(params: Tree, meta_params: Tree, batch: AdaptationBatch, adaptation: Adaptation) -> Tensor:
+    reached = distance(params, meta_params, batch, adaptation.policy, adaptation.distance)
+    return reached <= adaptation.max_distance
+
+
+def _safeguarded_adam(
+    loss: Callable[[Tree], Tensor], init: Tree, meta_params: Tree, batch: AdaptationBatch, adaptation: Adaptation
+) -> Tree:
+    """Adam steps that stop at the first step leaving ``D <= max_distance``; the iterate of lowest
+    ``loss`` so far is returned, so the regularised objective never ends below its start."""
+    optimizer = adam(adaptation.lr)
+    grad_fn = torch.func.grad(loss)
+    params, state = init, None
+    best, best_loss = init, loss(init)
+    running = torch.ones((), dtype=torch.bool, device=best_loss.device)
+    for _ in range(adaptation.steps):
+        grads = grad_fn(params)
+        state = optimizer.init(grads) if state is None else state
+        updates, state = optimizer.update(grads, state, params=params, inplace=False)
+        proposal = torchopt.apply_updates(params, updates, inplace=False)
+        running = running & _inside(proposal, meta_params, batch, adaptation)
+        proposal_loss = loss(proposal)
+        better = running & (proposal_loss < best_loss)
+        best, best_loss = _where(better, proposal, best), torch.where(better, proposal_loss, best_loss)
+        params = _where(running, proposal, params)
+        if _all_false(running):
+            break
+    return best
+
+
+def _newton_adaptation(
+    loss: Callable[[Tree], Tensor], init: Tree, meta_params: Tree, batch: AdaptationBatch, adaptation: Adaptation
+) -> Tree:
+    """Damped Newton-CG with an Armijo backtracking line search (module docstring)."""
+    grad_fn = torch.func.grad(loss)
+    params = init
+    device = tree.leaves(init)[0].device
+    mu = torch.full((), adaptation.damping, dtype=tree.leaves(init)[0].dtype, device=device)
+    fractions = [0.5**k for k in range(LINE_SEARCH_HALVINGS)]
+    for _ in range(adaptation.steps):
+        grads, hessian_vjp = torch.func.vjp(grad_fn, params)
+        running = tree.norm(grads) > adaptation.tol
+        if _all_false(running):
+            break
+
+        def damped_hessian(v: Tree, mu: Tensor = mu, hessian_vjp: Callable = hessian_vjp) -> Tree:
+            return tree.axpy(mu, v, hessian_vjp(v)[0])
+
+        direction, _ = conjugate_gradient(damped_hessian, tree.scale(grads, -1.0), max_iter=adaptation.cg_iters)
+        slope = tree.dot(grads, direction)
+        direction = _where(slope < 0, direction, tree.scale(grads, -1.0))
+        slope = tree.dot(grads, direction)
+        start = loss(params)
+        step = tree.zeros_like(params)
+        found = torch.zeros((), dtype=torch.bool, device=device)
+        for fraction in fractions:
+            candidate = tree.axpy(fraction, direction, params)
+            ok = ~found & (loss(candidate) <= start + ARMIJO * fraction * slope)
+            ok = ok & _inside(candidate, meta_params, batch, adaptation)
+            step = _where(ok, tree.scale(direction, fraction), step)
+            found = found | ok
+            if _all_false(~found):
+                break
+        accepted = running & found
+        params = _where(accepted, tree.add(params, step), params)
+        mu = torch.where(running, torch.where(found, mu / 3, mu * 10), mu)
+    return params
 
 
 def implicit_adaptation(
@@ -236,7 +382,16 @@ class BOMRLNeuralConfig(TRPOSettings, RunConfig):
     adapt_lr: float = 1e-3
     """Adam learning rate of the adaptation (the authors: 1e-3)."""
     adapt_steps: int = 50
-    """Adam steps of the adaptation on the one collection (the authors: 50)."""
+    """Steps of the adaptation's solver on the one collection (the authors: 50 Adam steps)."""
+    adapt_solver: str = "adam"
+    """The adaptation's solver: adam (the authors') or newton (damped Newton-CG with a line search)."""
+    adapt_clip: float = 0.0
+    """eps > 0: the lower bound with the pessimistic smooth clip of the ratio to 1 +- eps (`soft_clip`),
+    bounded above, so the adaptation cannot run away; 0: the paper's unclipped ratio."""
+    adapt_max_distance: float = 0.0
+    """> 0: a trust region D(phi, theta) <= this value on the adaptation's steps; 0: none."""
+    adapt_cg_iters: int = 10
+    """newton: CG iterations per Newton step."""
     implicit_cg_iters: int = 10
     """Conjugate-gradient iterations of the hypergradient's linear solve (the authors: 10)."""
     implicit_damping: float = 1e-2
@@ -255,15 +410,23 @@ class BOMRLNeuralConfig(TRPOSettings, RunConfig):
     """MuJoCo families: sub-environments per task's vector env; 0 means episodes_per_task."""
     asynchronous: bool = False
     """MuJoCo families: step the sub-environments in worker processes."""
+    batched_envs: bool = True
+    """HalfCheetah families: step all tasks' episodes as one `BatchedHalfCheetah` (false: Gymnasium vector
+    envs, one per task; ``asynchronous`` also selects those)."""
 
     def validate(self) -> None:
         super().validate()
         if self.distance not in DISTANCES:
             raise ValueError(f"unknown `distance` {self.distance!r}; choose one of {list(DISTANCES)}")
+        if self.adapt_solver not in ADAPT_SOLVERS:
+            raise ValueError(f"unknown `adapt_solver` {self.adapt_solver!r}; choose one of {list(ADAPT_SOLVERS)}")
+        if not 0 <= self.adapt_clip < 1:
+            raise ValueError(f"`adapt_clip` must lie in [0, 1); got {self.adapt_clip}")
         positive = (
             "meta_batch_size",
             "episodes_per_task",
             "adapt_steps",
+            "adapt_cg_iters",
             "implicit_cg_iters",
         )
         for name in positive:
@@ -275,7 +438,7 @@ class BOMRLNeuralConfig(TRPOSettings, RunConfig):
         for name in ("lam", "adapt_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0; got {getattr(self, name)}")
-        for name in ("implicit_damping", "implicit_tol"):
+        for name in ("implicit_damping", "implicit_tol", "adapt_max_distance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
         for name in ("gamma", "gae_lambda"):
@@ -317,14 +480,29 @@ class BOMRLNeural(Learner):
         ).to(device)
         self.meta_params = tree.detach(tree.params_of(self.policy))
         self.sampler = TaskSampler(
-            config.env, self.family, self.policy, config.episode_horizon, device, config.num_envs, config.asynchronous
+            config.env,
+            self.family,
+            self.policy,
+            config.episode_horizon,
+            device,
+            config.num_envs,
+            config.asynchronous,
+            config.batched_envs,
         )
 
     def adaptation(self, steps: int | None = None) -> Adaptation:
         """The config's `Adaptation`, with ``steps`` overridable."""
         config = self.config
         return Adaptation(
-            self.policy, config.distance, config.lam, config.adapt_lr, config.adapt_steps if steps is None else steps
+            self.policy,
+            config.distance,
+            config.lam,
+            config.adapt_lr,
+            config.adapt_steps if steps is None else steps,
+            solver=config.adapt_solver,
+            max_distance=config.adapt_max_distance or math.inf,
+            cg_iters=config.adapt_cg_iters,
+            clip=config.adapt_clip,
         )
 
     def _seed(self, purpose: str) -> int:
@@ -409,22 +587,30 @@ class BOMRLNeural(Learner):
     def _adaptation_metrics(
         meta_params: Tree, adapted_params: Tree, batches: AdaptationBatch, adaptation: Adaptation
     ) -> dict[str, float]:
-        """Means over tasks of the regularised objective's gain, the distance reached and the
-        optimality residual's norm at the adapted parameters (0 at an exact stationary point)."""
+        """Over tasks: the regularised objective's gain (mean, min), the distance reached (mean, max), the
+        optimality residual's norm ``||g(theta*)||`` at the adapted parameters (mean, max; 0 at an exact
+        stationary point), its mean ratio to ``||g(phi)||`` at the start, and the fraction of tasks that
+        ended on the trust region's boundary (``D >= 0.99 max_distance``)."""
 
-        def per_task(theta: Tree, batch: AdaptationBatch) -> tuple[Tensor, Tensor, Tensor]:
+        def per_task(theta: Tree, batch: AdaptationBatch) -> tuple[Tensor, ...]:
             gain = adaptation_loss(meta_params, meta_params, batch, adaptation) - adaptation_loss(
                 theta, meta_params, batch, adaptation
             )
             reached = distance(theta, meta_params, batch, adaptation.policy, adaptation.distance)
-            return gain, reached, tree.norm(adaptation_residual(theta, meta_params, batch, adaptation))
+            residual = tree.norm(adaptation_residual(theta, meta_params, batch, adaptation))
+            start = tree.norm(adaptation_residual(meta_params, meta_params, batch, adaptation))
+            return gain, reached, residual, start
 
-        gain, reached, residual = vmap(per_task)(adapted_params, batches)
+        gain, reached, residual, start = vmap(per_task)(adapted_params, batches)
         return {
             "adaptation_gain": float(gain.mean()),
             "adaptation_gain_min": float(gain.min()),
             "adaptation_distance": float(reached.mean()),
+            "adaptation_distance_max": float(reached.max()),
             "adaptation_residual": float(residual.mean()),
+            "adaptation_residual_max": float(residual.max()),
+            "adaptation_residual_relative": float((residual / start.clamp_min(1e-12)).mean()),
+            "adaptation_boundary": float((reached >= 0.99 * adaptation.max_distance).float().mean()),
         }
 
     def held_out_tasks(self, count: int) -> list[Any]:
@@ -437,7 +623,7 @@ class BOMRLNeural(Learner):
         """Mean undiscounted return on held-out tasks before and after one adaptation.
 
         Per task: ``episodes`` stochastic episodes of the meta-policy (the one collection),
-        ``adaptation_steps`` Adam steps of the regularised lower bound on them (default: the
+        ``adaptation_steps`` steps of the adaptation's solver on them (default: the
         config's ``adapt_steps``), then stochastic and deterministic (mean-action) episodes of
         the meta-policy and the adapted policy, reported separately (`adaptation_returns`)."""
         adaptation_steps = self.config.adapt_steps if adaptation_steps is None else adaptation_steps

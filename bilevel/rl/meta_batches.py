@@ -279,8 +279,13 @@ def sample_batched_tasks(
                 actions = policy_actions(policy, params, task_obs, generator, per_task).reshape(count * columns, -1)
                 next_obs, rewards, terminated, truncated, _ = envs.step(actions.cpu().numpy())
                 next_obs = _floats(next_obs, device)
-                for name, value in (("obs", obs), ("actions", actions), ("next_obs", next_obs), ("valid", running),
-                                    ("rewards", _floats(rewards, device) * running)):
+                for name, value in (
+                    ("obs", obs),
+                    ("actions", actions),
+                    ("next_obs", next_obs),
+                    ("valid", running),
+                    ("rewards", _floats(rewards, device) * running),
+                ):
                     steps[name].append(value)
                 running = running & ~torch.as_tensor(terminated | truncated, device=device)
                 if not running.any():
