@@ -77,9 +77,9 @@ from bilevel.linalg import conjugate_gradient
 from bilevel.nets import GaussianMLPPolicy, gaussian_kl
 from bilevel.rl import importance_weighted_loss, masked_mean, reinforce_loss
 from bilevel.rl.meta_batches import (
-    DEFAULT_HORIZONS,
     HELD_OUT_TASKS_KEY,
     NAVIGATION,
+    PolicyGradientSettings,
     TaskData,
     TaskEpisodes,
     TaskSampler,
@@ -362,8 +362,9 @@ def meta_kl(policy: nn.Module, old_params: Tree, data: TaskData) -> Callable[[Tr
 
 
 @dataclasses.dataclass
-class BOMRLNeuralConfig(TRPOSettings, RunConfig):
-    """BO-MRL with a Gaussian MLP policy; the adaptation defaults are the authors' HalfCheetah-vel ones."""
+class BOMRLNeuralConfig(PolicyGradientSettings, TRPOSettings, RunConfig):
+    """BO-MRL with a Gaussian MLP policy; the adaptation defaults are the authors' HalfCheetah-vel ones
+    (episodes, advantages, policy and collection: `PolicyGradientSettings`)."""
 
     env: str = NAVIGATION
     """The task family: navigation-2d, halfcheetah-vel, halfcheetah-dir or ant-dir."""
@@ -373,8 +374,6 @@ class BOMRLNeuralConfig(TRPOSettings, RunConfig):
     """Tasks sampled per meta-iteration (the authors: 10 for HalfCheetah-vel)."""
     episodes_per_task: int = 20
     """Episodes per task in the one collection and again in the fresh batch (the authors: 20)."""
-    horizon: int = 0
-    """Steps per episode; 0 takes the family's (100 for navigation-2d, 200 for the MuJoCo tasks)."""
     distance: str = "D1"
     """The adaptation's distance: D1 = KL(pi_phi || pi), D2 = KL(pi || pi_phi), D3 = ||theta - phi||^2."""
     lam: float = 0.5
@@ -398,21 +397,6 @@ class BOMRLNeuralConfig(TRPOSettings, RunConfig):
     """Damping added to the Hessian of the regularised objective in that solve."""
     implicit_tol: float = 1e-2
     """Relative residual under which that solve counts as converged (diagnostics and warning)."""
-    gamma: float = 0.99
-    """Discount factor of the advantages."""
-    gae_lambda: float = 1.0
-    """GAE lambda (1: discounted returns minus the baseline)."""
-    hidden: tuple[int, ...] = (64, 64)
-    """Hidden sizes of the tanh MLP that gives the Gaussian policy's mean."""
-    init_log_std: float = 0.0
-    """Initial log standard deviation of the policy (state-independent)."""
-    num_envs: int = 0
-    """MuJoCo families: sub-environments per task's vector env; 0 means episodes_per_task."""
-    asynchronous: bool = False
-    """MuJoCo families: step the sub-environments in worker processes."""
-    batched_envs: bool = True
-    """HalfCheetah families: step all tasks' episodes as one `BatchedHalfCheetah` (false: Gymnasium vector
-    envs, one per task; ``asynchronous`` also selects those)."""
 
     def validate(self) -> None:
         super().validate()
@@ -432,25 +416,12 @@ class BOMRLNeuralConfig(TRPOSettings, RunConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
-        for name in ("horizon", "num_envs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
         for name in ("lam", "adapt_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0; got {getattr(self, name)}")
         for name in ("implicit_damping", "implicit_tol", "adapt_max_distance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
-        for name in ("gamma", "gae_lambda"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"`{name}` must lie in [0, 1]; got {getattr(self, name)}")
-        if not self.hidden or min(self.hidden) < 1:
-            raise ValueError(f"`hidden` must be one or more sizes >= 1; got {self.hidden}")
-
-    @property
-    def episode_horizon(self) -> int:
-        """``horizon``, or the family's default when it is 0."""
-        return self.horizon or DEFAULT_HORIZONS[self.env]
 
 
 def _mean_diagnostics(records: list[ImplicitDiagnostics]) -> dict[str, float]:

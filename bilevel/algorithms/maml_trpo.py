@@ -42,10 +42,10 @@ from bilevel.inner import unroll
 from bilevel.nets import GaussianMLPPolicy, gaussian_kl
 from bilevel.rl import importance_weighted_loss, masked_mean, reinforce_loss
 from bilevel.rl.meta_batches import (
-    DEFAULT_HORIZONS,
     HELD_OUT_TASKS_KEY,
     NAVIGATION,
     Behaviour,
+    PolicyGradientSettings,
     TaskData,
     TaskEpisodes,
     TaskSampler,
@@ -142,8 +142,9 @@ def meta_objectives(train: TaskData, valid: TaskData, behaviour: Behaviour,
 
 
 @dataclasses.dataclass
-class MAMLTRPOConfig(TRPOSettings, RunConfig):
-    """MAML-TRPO with pytorch-maml-rl's defaults."""
+class MAMLTRPOConfig(PolicyGradientSettings, TRPOSettings, RunConfig):
+    """MAML-TRPO with pytorch-maml-rl's defaults (episodes, advantages, policy and collection:
+    `PolicyGradientSettings`)."""
 
     env: str = NAVIGATION
     """The task family: navigation-2d, halfcheetah-vel, halfcheetah-dir or ant-dir."""
@@ -153,29 +154,12 @@ class MAMLTRPOConfig(TRPOSettings, RunConfig):
     """Tasks sampled per meta-iteration."""
     episodes_per_task: int = 20
     """Episodes per task in the train batch and again in the validation batch."""
-    horizon: int = 0
-    """Steps per episode; 0 takes the family's (100 for navigation-2d, 200 for the MuJoCo tasks)."""
     inner_lr: float = 0.1
     """The inner SGD learning rate alpha."""
     inner_steps: int = 1
     """Inner SGD steps on the train batch."""
     first_order: bool = False
     """Treat the inner gradients as constants (first-order MAML)."""
-    gamma: float = 0.99
-    """Discount factor."""
-    gae_lambda: float = 1.0
-    """GAE lambda (1: discounted returns minus the baseline)."""
-    hidden: tuple[int, ...] = (64, 64)
-    """Hidden sizes of the tanh MLP that gives the Gaussian policy's mean."""
-    init_log_std: float = 0.0
-    """Initial log standard deviation of the policy (state-independent)."""
-    num_envs: int = 0
-    """MuJoCo families: sub-environments per task's vector env; 0 means episodes_per_task."""
-    asynchronous: bool = False
-    """MuJoCo families: step the sub-environments in worker processes."""
-    batched_envs: bool = True
-    """HalfCheetah families: step all tasks' episodes as one `BatchedHalfCheetah` (false: Gymnasium vector
-    envs, one per task; ``asynchronous`` also selects those)."""
 
     def validate(self) -> None:
         super().validate()
@@ -183,21 +167,8 @@ class MAMLTRPOConfig(TRPOSettings, RunConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
-        for name in ("horizon", "num_envs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
         if not self.inner_lr > 0:
             raise ValueError(f"`inner_lr` must be > 0; got {self.inner_lr}")
-        for name in ("gamma", "gae_lambda"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"`{name}` must lie in [0, 1]; got {getattr(self, name)}")
-        if not self.hidden or min(self.hidden) < 1:
-            raise ValueError(f"`hidden` must be one or more sizes >= 1; got {self.hidden}")
-
-    @property
-    def episode_horizon(self) -> int:
-        """``horizon``, or the family's default when it is 0."""
-        return self.horizon or DEFAULT_HORIZONS[self.env]
 
 
 def trpo_metrics(info: TRPOInfo) -> dict[str, float]:

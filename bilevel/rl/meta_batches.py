@@ -40,6 +40,7 @@ __all__ = [
     "HELD_OUT_TASKS_KEY",
     "NAVIGATION",
     "Behaviour",
+    "PolicyGradientSettings",
     "TaskData",
     "TaskEpisodes",
     "TaskSampler",
@@ -62,6 +63,49 @@ DEFAULT_HORIZONS = {NAVIGATION: 100, "halfcheetah-vel": 200, "halfcheetah-dir": 
 """pytorch-maml-rl's horizons: 100 steps for 2-D navigation, 200 for the MuJoCo tasks."""
 HELD_OUT_TASKS_KEY = 7_919
 """Seeds the held-out tasks of the evaluations (the same for every training seed)."""
+
+
+@dataclasses.dataclass
+class PolicyGradientSettings:
+    """The on-policy meta-learners' shared config fields: episodes, advantages, the Gaussian MLP policy
+    and the collection. A config lists it before ``TRPOSettings`` and ``RunConfig`` among its bases, so
+    that its `validate` runs and then passes on."""
+
+    horizon: int = 0
+    """Steps per episode; 0 takes the family's (100 for navigation-2d, 200 for the MuJoCo tasks)."""
+    gamma: float = 0.99
+    """Discount factor of the advantages."""
+    gae_lambda: float = 1.0
+    """GAE lambda (1: discounted returns minus the baseline)."""
+    hidden: tuple[int, ...] = (64, 64)
+    """Hidden sizes of the tanh MLP that gives the Gaussian policy's mean."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of the policy (state-independent)."""
+    num_envs: int = 0
+    """MuJoCo families: sub-environments per task; 0 means episodes_per_task."""
+    asynchronous: bool = False
+    """MuJoCo families: step the sub-environments of Gymnasium vector envs in worker processes."""
+    batched_envs: bool = True
+    """HalfCheetah families: step all tasks' episodes as one `BatchedHalfCheetah` (false: Gymnasium vector
+    envs, one per task; ``asynchronous`` also selects those)."""
+
+    def validate(self) -> None:
+        for name in ("horizon", "num_envs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` must lie in [0, 1]; got {getattr(self, name)}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError(f"`hidden` must be one or more sizes >= 1; got {self.hidden}")
+        parent = super()
+        if hasattr(parent, "validate"):
+            parent.validate()
+
+    @property
+    def episode_horizon(self) -> int:
+        """``horizon``, or the family's default when it is 0."""
+        return self.horizon or DEFAULT_HORIZONS[self.env]  # type: ignore[attr-defined]
 
 
 class TaskEpisodes(NamedTuple):
