@@ -84,3 +84,8 @@ class DDPG(OffPolicyLearner):
     def loss_of_output(self, output: Tensor, obs: Tensor, noise: Tensor | None) -> Tensor:
         """``-mean Q1(s, a)`` for the actions ``output [B, A]``."""
         return -self.q1(self.critic_constants(), obs, output).mean()
+
+    def loss_of_output_with_q1_features(self, output: Tensor, obs: Tensor, noise: Tensor | None,
+                                        q1_features: Tensor) -> Tensor:
+        """``-mean head(Q_bar(s, a))``: `loss_of_output` from the critic features of ``a = output``."""
+        return -self.q1_of_features(self.critic_constants(), q1_features).mean()

@@ -17,8 +17,10 @@ The look-ahead steps are plain SGD at the actor's learning rate; eq. 9 is a `bil
 call and ``grad_psi L_att`` differentiates through it. Eq. 8's gradient is the vanilla gradient the
 actor's own step takes at the same ``phi``, so it is computed once for both (with
 ``meta_loss_trains_actor`` both steps are unrolled, differentiable in ``phi``). One actor-feature pass
-serves the vanilla and the attention action (`MetaAttention.attention_forward`). The paper leaves open, and the authors'
-code decides (Gideon-K-Marx/Meta-Attention-For-Off-Policy-Actor-Critic, ``Code/TD3.py``):
+serves the vanilla and the attention action (`MetaAttention.attention_forward`), and over DDPG and TD3
+one critic-feature pass ``Q_bar(s, pi_phi(s))`` serves the attention net's Key and the vanilla loss
+``-mean head(Q_bar(s, pi_phi(s)))``. The paper leaves open, and the authors' code decides
+(Gideon-K-Marx/Meta-Attention-For-Off-Policy-Actor-Critic, ``Code/TD3.py``):
 
 - which actor layers the look-ahead moves: the authors move only the first layer of the feature
   net (``lookahead_layers="first"``); ``"features"`` and ``"all"`` are the alternatives;
@@ -52,7 +54,7 @@ from torch import Tensor, nn
 
 from bilevel import tree
 from bilevel.algorithms.ddpg import DDPG
-from bilevel.algorithms.off_policy import OffPolicyLearner, apply
+from bilevel.algorithms.off_policy import OffPolicyLearner, apply, parameters
 from bilevel.algorithms.sac import SAC
 from bilevel.algorithms.td3 import TD3
 from bilevel.inner import unroll
@@ -88,11 +90,12 @@ def lookahead_split(actor_params: dict[str, Tensor], layers: str) -> tuple[dict[
 
 
 class AttentionForward(NamedTuple):
-    """`MetaAttention.attention_forward`: actor features ``[B, F]``, the vanilla actor output, the
-    feature scale ``[B, F]`` and the attention actor output."""
+    """`MetaAttention.attention_forward`: actor features ``[B, F]``, the vanilla actor output, the critic
+    features ``Q_bar(s, pi_phi(s))`` ``[B, F]``, the feature scale ``[B, F]`` and the attention actor output."""
 
     features: Tensor
     vanilla: Any
+    critic_features: Tensor
     scale: Tensor
     attention: Any
 
@@ -211,7 +214,7 @@ class LookAheadMetaLearner(OffPolicyLearner):
         val_obs = self.buffer.sample(config.batch_size, self.generator).obs
         train_noise, val_noise = self.actor_noise(obs.shape[0]), self.actor_noise(obs.shape[0])
         actor_params = self.actor_params()
-        meta_params = tree.params_of(self.meta_net)
+        meta_params = parameters(self.meta_net)
         actor_loss, auxiliary = self.actor_and_auxiliary_losses(actor_params, tree.detach(meta_params), obs,
                                                                 train_noise)
         leaves = list(actor_params.values())
@@ -269,7 +272,8 @@ class MetaAttention(LookAheadMetaLearner):
         critic_features = self.q1_features(self.critic_constants(), obs, self.mean_action(vanilla))
         logits = apply(self.meta_net, attention_params, torch.cat([features, critic_features], dim=-1))
         scale = 2.0 * torch.sigmoid(logits)
-        return AttentionForward(features, vanilla, scale, self.actor_output(actor_params, obs, scale, features))
+        return AttentionForward(features, vanilla, critic_features, scale,
+                                self.actor_output(actor_params, obs, scale, features))
 
     def attention_scale(self, attention_params: Tree, actor_params: Tree, obs: Tensor) -> Tensor:
         """``2 sigmoid(f_psi(pi_bar(s), Q_bar(s, pi_phi(s))))``, ``[B, F]`` in (0, 2) (eq. 5)."""
@@ -281,19 +285,20 @@ class MetaAttention(LookAheadMetaLearner):
     def actor_and_auxiliary_losses(self, actor_params: Tree, meta_params: Tree, obs: Tensor,
                                    noise: Tensor | None) -> tuple[Tensor, Tensor]:
         forward = self.attention_forward(meta_params, actor_params, obs)
-        return self.loss_of_output(forward.vanilla, obs, noise), self.loss_of_output(forward.attention, obs, noise)
+        vanilla = self.loss_of_output_with_q1_features(forward.vanilla, obs, noise, forward.critic_features)
+        return vanilla, self.loss_of_output(forward.attention, obs, noise)
 
     def vanilla_and_attention_actions(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The deterministic vanilla and attention actions ``[B, A]`` and the feature scale ``[B, F]``."""
-        forward = self.attention_forward(tree.params_of(self.meta_net), self.actor_params(), obs)
+        forward = self.attention_forward(parameters(self.meta_net), self.actor_params(), obs)
         return self.mean_action(forward.vanilla), self.mean_action(forward.attention), forward.scale
 
     def decide(self, obs: Tensor, explore: bool) -> Tensor:
         if not self.config.dance_twice:
             return super().decide(obs, explore)
-        forward = self.attention_forward(tree.params_of(self.meta_net), self.actor_params(), obs)
+        forward = self.attention_forward(parameters(self.meta_net), self.actor_params(), obs)
         critic = self.critic_constants()
-        prefer_attention = choose_by_q(self.q1(critic, obs, self.mean_action(forward.vanilla)),
+        prefer_attention = choose_by_q(self.q1_of_features(critic, forward.critic_features),
                                        self.q1(critic, obs, self.mean_action(forward.attention)))
         chosen_scale = torch.where(prefer_attention[:, None], forward.scale, torch.ones_like(forward.scale))
         output = self.actor_output(self.actor_params(), obs, chosen_scale, forward.features)

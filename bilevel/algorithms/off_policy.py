@@ -54,6 +54,7 @@ __all__ = [
     "check_box_env_id",
     "clone_target",
     "evaluate_policy",
+    "parameters",
     "polyak",
 ]
 
@@ -92,6 +93,15 @@ def _parameter_slots(module: nn.Module) -> tuple[tuple[str, dict[str, Any], str]
                       for prefix, owner in module.named_modules() for attribute in owner._parameters)
         _SLOTS[module] = slots
     return slots
+
+
+def parameters(module: nn.Module, *, detach: bool = False) -> dict[str, Tensor]:
+    """``dict(module.named_parameters())`` (detached views with ``detach``) read from the cached parameter
+    slots: the same tree as `bilevel.tree.params_of` without its walk over the module tree, which costs
+    more than the detach of every leaf."""
+    if detach:
+        return {name: table[attribute].detach() for name, table, attribute in _parameter_slots(module)}
+    return {name: table[attribute] for name, table, attribute in _parameter_slots(module)}
 
 
 def apply(module: nn.Module, params: Tree, *inputs: Any) -> Any:
@@ -293,11 +303,11 @@ class OffPolicyLearner(Learner):
 
     def actor_params(self) -> dict[str, Tensor]:
         """The live actor parameters (the optimiser's leaves) as a tree."""
-        return tree.params_of(self.actor)
+        return parameters(self.actor)
 
     def critic_constants(self) -> dict[str, Tensor]:
         """The critic parameters detached: the actor losses treat the critic as fixed."""
-        return tree.detach(tree.params_of(self.critic))
+        return parameters(self.critic, detach=True)
 
     def actor_output(self, actor_params: Tree, obs: Tensor, feature_scale: Tensor | None = None,
                      features: Tensor | None = None) -> Any:
@@ -320,13 +330,24 @@ class OffPolicyLearner(Learner):
         prefix = "q1.features" if self.twin_critic else "features"
         return apply(self.q1_module.features, subtree(critic_params, prefix), obs, actions)
 
+    def q1_of_features(self, critic_params: Tree, features: Tensor) -> Tensor:
+        """``Q1(s, a) = head(Q_bar(s, a))``, ``[B]``, from the features ``Q_bar(s, a)`` ``[B, F]``."""
+        prefix = "q1.head" if self.twin_critic else "head"
+        return apply(self.q1_module.head, subtree(critic_params, prefix), features).squeeze(-1)
+
+    def loss_of_output_with_q1_features(self, output: Any, obs: Tensor, noise: Tensor | None,
+                                        q1_features: Tensor) -> Tensor:
+        """`loss_of_output` when ``q1_features = Q_bar(s, mean_action(output))`` ``[B, F]`` are already
+        computed; a learner whose loss reads ``Q1`` at the mean action (DDPG, TD3) takes it from them."""
+        return self.loss_of_output(output, obs, noise)
+
     def decide(self, obs: Tensor, explore: bool) -> Tensor:
         """The action ``[B, A]`` in [-1, 1] taken in ``obs [B, D]`` (MATT's dance twice overrides it)."""
         output = self.actor_output(self.actor_params(), obs)
         return self.exploring_action(output) if explore else self.mean_action(output)
 
     def critic_update(self, batch: Transitions) -> dict[str, Tensor]:
-        loss = self.critic_loss(tree.params_of(self.critic), batch)
+        loss = self.critic_loss(parameters(self.critic), batch)
         self.critic_optimizer.zero_grad()
         loss.backward()
         self.critic_optimizer.step()
@@ -341,7 +362,7 @@ class OffPolicyLearner(Learner):
 
     def update_targets(self) -> None:
         self.actor_target = polyak(self.actor_target, self.actor_params(), self.config.tau)
-        self.critic_target = polyak(self.critic_target, tree.params_of(self.critic), self.config.tau)
+        self.critic_target = polyak(self.critic_target, parameters(self.critic), self.config.tau)
 
     def gradient_update(self) -> dict[str, Tensor]:
         """One critic update, and every ``policy_frequency`` updates an actor and target update."""

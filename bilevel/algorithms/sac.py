@@ -18,11 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bilevel.algorithms.off_policy import OffPolicyConfig, OffPolicyLearner, apply, clone_target, polyak
+from bilevel.algorithms.off_policy import (
+    OffPolicyConfig,
+    OffPolicyLearner,
+    apply,
+    clone_target,
+    parameters,
+    polyak,
+)
 from bilevel.nets import TanhGaussian, TanhGaussianActor, TwinQCritic, tanh_log_abs_det_jacobian
 from bilevel.rl import Transitions
 from bilevel.runs import register
-from bilevel.tree import Tree, params_of
+from bilevel.tree import Tree
 
 __all__ = ["SAC", "SACConfig", "squashed_action"]
 
@@ -111,7 +118,7 @@ class SAC(OffPolicyLearner):
         return {"alpha": self.log_alpha.detach().exp(), "entropy": -log_probs.mean()}
 
     def update_targets(self) -> None:
-        self.critic_target = polyak(self.critic_target, params_of(self.critic), self.config.tau)
+        self.critic_target = polyak(self.critic_target, parameters(self.critic), self.config.tau)
 
     def extra_state(self) -> dict[str, Any]:
         return {"log_alpha": self.log_alpha.detach().clone(), "alpha_optimizer": self.alpha_optimizer.state_dict()}

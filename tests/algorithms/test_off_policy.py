@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from bilevel import cli
-from bilevel.algorithms.off_policy import SEED_PURPOSES, polyak
+from bilevel import cli, tree
+from bilevel.algorithms.off_policy import SEED_PURPOSES, parameters, polyak
 from bilevel.nets import rescale_action
 from bilevel.rl import Transitions
 from bilevel.runs import RunFolder, derive_seed
@@ -89,6 +89,19 @@ def test_polyak_moves_the_target_by_tau():
     assert torch.allclose(averaged["w"], torch.full((3,), 0.5))
     assert torch.allclose(averaged["b"], torch.full((2,), 0.75))
     assert not averaged["w"].requires_grad
+
+
+@pytest.mark.parametrize("algorithm", ["ddpg", "td3", "sac"])
+def test_parameter_trees_from_cached_slots_are_the_module_parameters(algorithm):
+    learner = build(algorithm)
+    for module in (learner.actor, learner.critic):
+        expected = tree.params_of(module)
+        assert list(parameters(module)) == list(expected)
+        assert all(parameters(module)[name] is value for name, value in expected.items())
+        detached = parameters(module, detach=True)
+        assert all(not v.requires_grad and v.data_ptr() == expected[k].data_ptr() for k, v in detached.items())
+    learner.critic.to(torch.float64)
+    assert all(v.dtype == torch.float64 for v in parameters(learner.critic).values())
 
 
 def test_actions_are_rescaled_to_the_env_bounds():
