@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bilevel.algorithms.off_policy import OffPolicyConfig, OffPolicyLearner, apply, clone_target
+from bilevel.algorithms.off_policy import OffPolicyConfig, OffPolicyLearner, adam, apply, clone_target
 from bilevel.nets import DeterministicActor, QCritic
 from bilevel.rl import Transitions
 from bilevel.runs import register
@@ -54,8 +54,8 @@ class DDPG(OffPolicyLearner):
         self.critic = self.make_critic().to(self.device)
         self.actor_target = clone_target(self.actor)
         self.critic_target = clone_target(self.critic)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=self.config.actor_lr, foreach=True)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.config.critic_lr, foreach=True)
+        self.actor_optimizer = adam(self.actor.parameters(), self.config.actor_lr)
+        self.critic_optimizer = adam(self.critic.parameters(), self.config.critic_lr)
 
     def mean_action(self, output: Tensor) -> Tensor:
         return output

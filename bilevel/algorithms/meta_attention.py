@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from bilevel import tree
 from bilevel.algorithms.ddpg import DDPG
-from bilevel.algorithms.off_policy import OffPolicyLearner, apply, parameters
+from bilevel.algorithms.off_policy import OffPolicyLearner, adam, apply, parameters
 from bilevel.algorithms.sac import SAC
 from bilevel.algorithms.td3 import TD3
 from bilevel.inner import unroll
@@ -175,8 +175,7 @@ class LookAheadMetaLearner(OffPolicyLearner):
     def build(self) -> None:
         super().build()
         self.meta_net = self.make_meta_net().to(self.device)
-        self.meta_optimizer = torch.optim.Adam(self.meta_net.parameters(), lr=self.config.meta_lr,
-                                               weight_decay=self.config.meta_weight_decay, foreach=True)
+        self.meta_optimizer = adam(self.meta_net.parameters(), self.config.meta_lr, self.config.meta_weight_decay)
 
     def meta_loss(
         self,

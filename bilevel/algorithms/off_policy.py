@@ -31,7 +31,7 @@ import abc
 import dataclasses
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -50,6 +50,7 @@ from bilevel.tree import Tree
 __all__ = [
     "OffPolicyConfig",
     "OffPolicyLearner",
+    "adam",
     "apply",
     "check_box_env_id",
     "clone_target",
@@ -121,6 +122,17 @@ def apply(module: nn.Module, params: Tree, *inputs: Any) -> Any:
     finally:
         for (_, table, attribute), value in zip(slots, saved, strict=True):
             table[attribute] = value
+
+
+def adam(params: Iterable[Tensor], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """``torch.optim.Adam`` over ``params``, fused (one kernel for all tensors, without the foreach
+    implementation's per-tensor ``.item()`` of the step count; 2-3x faster on these small networks, equal
+    up to floating-point rounding) where this torch and the parameters' device support it, else foreach."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def polyak(target: Tree, online: Tree, tau: float) -> Tree:

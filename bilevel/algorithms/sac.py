@@ -21,6 +21,7 @@ from torch import Tensor
 from bilevel.algorithms.off_policy import (
     OffPolicyConfig,
     OffPolicyLearner,
+    adam,
     apply,
     clone_target,
     parameters,
@@ -74,10 +75,10 @@ class SAC(OffPolicyLearner):
         self.critic = TwinQCritic(self.obs_dim, self.act_dim, config.hidden).to(self.device)
         self.actor_target: dict[str, Tensor] = {}
         self.critic_target = clone_target(self.critic)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, foreach=True)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, foreach=True)
+        self.actor_optimizer = adam(self.actor.parameters(), config.actor_lr)
+        self.critic_optimizer = adam(self.critic.parameters(), config.critic_lr)
         self.log_alpha = torch.tensor(float(config.alpha), device=self.device).log().requires_grad_(config.autotune)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr)
+        self.alpha_optimizer = adam([self.log_alpha], config.alpha_lr)
         self.target_entropy = -float(self.act_dim)
 
     def mean_action(self, output: TanhGaussian) -> Tensor:

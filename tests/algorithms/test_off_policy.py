@@ -11,7 +11,7 @@ import torch
 from torch.func import functional_call
 
 from bilevel import cli, tree
-from bilevel.algorithms.off_policy import SEED_PURPOSES, parameters, polyak
+from bilevel.algorithms.off_policy import SEED_PURPOSES, adam, parameters, polyak
 from bilevel.nets import rescale_action
 from bilevel.rl import Transitions
 from bilevel.runs import RunFolder, derive_seed
@@ -102,6 +102,22 @@ def test_parameter_trees_from_cached_slots_are_the_module_parameters(algorithm):
         assert all(not v.requires_grad and v.data_ptr() == expected[k].data_ptr() for k, v in detached.items())
     learner.critic.to(torch.float64)
     assert all(v.dtype == torch.float64 for v in parameters(learner.critic).values())
+
+
+def test_adam_helper_steps_like_foreach_adam():
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=generator), torch.randn(3, generator=generator)]
+    grads = [[torch.randn(p.shape, generator=generator) for p in start] for _ in range(20)]
+    params = {kind: [p.clone().requires_grad_() for p in start] for kind in ("helper", "foreach")}
+    optimizers = {"helper": adam(params["helper"], 0.01, weight_decay=0.1),
+                  "foreach": torch.optim.Adam(params["foreach"], lr=0.01, weight_decay=0.1, foreach=True)}
+    for step_grads in grads:
+        for kind, optimizer in optimizers.items():
+            for param, grad in zip(params[kind], step_grads, strict=True):
+                param.grad = grad.clone()
+            optimizer.step()
+    for a, b in zip(params["helper"], params["foreach"], strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_actions_are_rescaled_to_the_env_bounds():
