@@ -1,10 +1,16 @@
-"""Differentiable inner loops: unrolled adaptation with TorchOpt optimisers.
+"""Differentiable inner loops: unrolled adaptation with TorchOpt optimisers, and a solver to a
+stationary point.
 
 ``unroll`` runs ``theta_{k+1} = theta_k + update(grad L(theta_k))`` for a fixed
 number of steps with any TorchOpt ``GradientTransformation`` (Finn et al. 2017,
 eq. 1, for SGD). The gradient is taken with ``torch.func.grad`` so the loop
 composes with an outer ``torch.func.grad``, ``vmap`` (one batched computation
 over tasks) and with plain ``torch.autograd``.
+
+``newton_cg`` minimises a loss to ``||grad L|| <= tol``: the solution an implicit
+hypergradient (`bilevel.implicit_root`) differentiates, where an unrolled loop stops
+near, not at, a stationary point. Its stopping rules are masks, so it runs under
+``vmap`` over tasks.
 """
 
 from __future__ import annotations
@@ -12,15 +18,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch._C._functorch as _functorch
 import torchopt
 from torch import Tensor
 from torchopt.base import GradientTransformation
 
 from bilevel import tree
 from bilevel._checks import scalar_valued
+from bilevel.linalg import conjugate_gradient
 from bilevel.tree import Tree
 
-__all__ = ["adam", "meta_sgd", "unroll"]
+__all__ = ["adam", "meta_sgd", "newton_cg", "unroll"]
 
 
 def unroll(
@@ -109,3 +117,96 @@ def adam(
     if not eps_root > 0:
         raise ValueError(f"`eps_root` must be > 0 for a differentiable Adam; got {eps_root}")
     return torchopt.adam(lr, betas=betas, eps=eps, eps_root=eps_root)
+
+
+def _known_all_false(flag: Tensor) -> bool:
+    """Whether the 0-dim boolean ``flag`` is known to be False everywhere: never under ``vmap``, where it
+    may differ per batch element; under ``grad`` and eagerly its value is read."""
+    while _functorch.is_functorch_wrapped_tensor(flag):
+        if _functorch.is_batchedtensor(flag):
+            return False
+        flag = _functorch.get_unwrapped(flag)
+    return not bool(flag)
+
+
+def _where(condition: Tensor, a: Tree, b: Tree) -> Tree:
+    return tree.map(lambda x, y: torch.where(condition, x, y), a, b)
+
+
+def newton_cg(
+    loss: Callable[[Tree], Tensor],
+    params: Tree,
+    steps: int,
+    *,
+    cg_iters: int = 10,
+    damping: float = 1e-2,
+    tol: float = 1e-6,
+    feasible: Callable[[Tree], Tensor] | None = None,
+    armijo: float = 1e-4,
+    halvings: int = 16,
+) -> Tree:
+    """Minimise ``loss`` from ``params`` by damped Newton-CG with a backtracking line search.
+
+    Each of at most ``steps`` iterations with ``g = grad L(theta)``, ``||g|| > tol`` (Nocedal & Wright
+    2006, Alg. 7.1 with Levenberg-Marquardt damping ``mu``, Sec. 10.3):
+
+        (H(theta) + mu I) d = -g                     ``cg_iters`` CG iterations on Hessian-vector products
+        d <- -g  if  g.d >= 0                        (an indefinite H can give an ascent direction)
+        theta <- theta + t d,  t = max{2^-j : L(theta + t d) <= L(theta) + armijo t g.d,
+                                             feasible(theta + t d)},  j < halvings
+
+    A step whose line search finds no such ``t`` keeps ``theta`` and multiplies ``mu`` by 10; an accepted
+    step divides it by 3 (``mu`` starts at ``damping``). So ``L`` never increases and, with ``feasible``
+    (``theta -> 0-dim bool``, True at ``params``), every iterate stays feasible: a trust region ends the
+    solve on its boundary, where ``g = 0`` need not hold.
+
+    Args:
+        loss: ``theta -> scalar``, twice differentiable.
+        params: the starting tree ``theta_0``.
+        steps: the most Newton iterations, ``>= 0``.
+        cg_iters, damping, tol, armijo, halvings: as above (``tol`` on ``||g||``, the tree's 2-norm).
+
+    Returns:
+        The last iterate, a tree like ``params``. It is not differentiable through the iterations in a
+        useful way: differentiate the solution with `bilevel.implicit_root` on ``grad L = 0``.
+    """
+    for name, value, least in (("steps", steps, 0), ("cg_iters", cg_iters, 1), ("halvings", halvings, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"`{name}` must be an int >= {least}; got {value!r}")
+    for name, value in (("damping", damping), ("tol", tol)):
+        if not value >= 0:
+            raise ValueError(f"`{name}` must be >= 0; got {value}")
+    if not 0 < armijo < 1:
+        raise ValueError(f"`armijo` must lie in (0, 1); got {armijo}")
+    grad_fn = torch.func.grad(scalar_valued(loss, "loss"))
+    first = tree.leaves(params)[0]
+    mu = torch.full((), damping, dtype=first.dtype, device=first.device)
+    for _ in range(steps):
+        grads, hessian_vjp = torch.func.vjp(grad_fn, params)
+        running = tree.norm(grads) > tol
+        if _known_all_false(running):
+            break
+
+        def damped_hessian(v: Tree, mu: Tensor = mu, hessian_vjp: Callable = hessian_vjp) -> Tree:
+            return tree.axpy(mu, v, hessian_vjp(v)[0])
+
+        descent = tree.scale(grads, -1.0)
+        direction, _ = conjugate_gradient(damped_hessian, descent, max_iter=cg_iters)
+        direction = _where(tree.dot(grads, direction) < 0, direction, descent)
+        slope = tree.dot(grads, direction)
+        start = loss(params)
+        step = tree.zeros_like(params)
+        found = torch.zeros((), dtype=torch.bool, device=first.device)
+        for j in range(halvings):
+            fraction = 0.5**j
+            candidate = tree.axpy(fraction, direction, params)
+            accept = ~found & (loss(candidate) <= start + armijo * fraction * slope)
+            if feasible is not None:
+                accept = accept & feasible(candidate)
+            step = _where(accept, tree.scale(direction, fraction), step)
+            found = found | accept
+            if _known_all_false(~found):
+                break
+        params = _where(running & found, tree.add(params, step), params)
+        mu = torch.where(running, torch.where(found, mu / 3, mu * 10), mu)
+    return params

@@ -1,4 +1,7 @@
-"""`unroll` against closed forms on strongly convex quadratic inner problems."""
+"""`unroll` against closed forms on strongly convex quadratic inner problems; `newton_cg` reaching
+stationary points without ever raising the loss."""
+
+import itertools
 
 import hypothesis.strategies as st
 import pytest
@@ -6,8 +9,8 @@ import torch
 import torchopt
 from hypothesis import given, settings
 
-from bilevel import unroll
-from bilevel.inner import adam, meta_sgd
+from bilevel import implicit_root, unroll
+from bilevel.inner import adam, meta_sgd, newton_cg
 
 DTYPE = torch.float64
 
@@ -147,3 +150,69 @@ def test_bad_input_is_named():
         unroll(lambda p: p["x"].sum(), params, meta_sgd({"y": torch.ones(2)}), 1)
     with pytest.raises(ValueError, match="eps_root"):
         adam(0.1, eps_root=0.0)
+
+
+def rosenbrock(p):
+    x = p["x"]
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), dim=st.integers(1, 6))
+def test_newton_cg_solves_a_quadratic_in_one_step(seed, dim):
+    curvature, x0, b, _ = quadratic_problem(seed, dim)
+    solution = newton_cg(inner_loss(curvature, b), {"x": x0}, steps=1, cg_iters=dim, damping=0.0, tol=0.0)
+    torch.testing.assert_close(solution["x"], torch.linalg.solve(curvature, b), rtol=1e-8, atol=1e-10)
+
+
+@settings(max_examples=10, deadline=None)
+@given(start=st.lists(st.floats(-2.0, 2.0), min_size=2, max_size=4))
+def test_newton_cg_never_raises_the_loss(start):
+    params = {"x": torch.tensor(start, dtype=DTYPE)}
+    losses = [rosenbrock(params)]
+    for _ in range(30):
+        params = newton_cg(rosenbrock, params, steps=1, cg_iters=8, tol=1e-9)
+        losses.append(rosenbrock(params))
+    assert all(later <= earlier for earlier, later in itertools.pairwise(losses))
+
+
+@settings(max_examples=10, deadline=None)
+@given(x=st.floats(-2.0, 2.0), y=st.floats(-2.0, 2.0))
+def test_newton_cg_reaches_the_stationary_point_of_a_nonconvex_loss(x, y):
+    solved = newton_cg(rosenbrock, {"x": torch.tensor([x, y], dtype=DTYPE)}, steps=200, cg_iters=2, tol=1e-9)
+    assert torch.func.grad(rosenbrock)(solved)["x"].norm() <= 1e-9
+    torch.testing.assert_close(solved["x"], torch.ones(2, dtype=DTYPE))
+
+
+def test_newton_cg_keeps_every_iterate_feasible():
+    radius = 0.5
+    within = lambda p: p["x"].norm() <= radius  # noqa: E731
+    solved = newton_cg(rosenbrock, {"x": torch.zeros(3, dtype=DTYPE)}, steps=50, feasible=within)
+    assert solved["x"].norm() <= radius
+    assert rosenbrock(solved) < rosenbrock({"x": torch.zeros(3, dtype=DTYPE)})
+
+
+def test_newton_cg_under_vmap_equals_a_loop_and_feeds_implicit_root():
+    starts = torch.tensor([[-1.2, 1.0], [0.5, -0.5], [1.5, 2.0]], dtype=DTYPE)
+
+    def solve(x0):
+        return newton_cg(rosenbrock, {"x": x0}, steps=100, cg_iters=4, tol=1e-10)["x"]
+
+    torch.testing.assert_close(torch.vmap(solve)(starts), torch.stack([solve(x0) for x0 in starts]))
+
+    curvature, x0, b, target = quadratic_problem(3, 4)
+    residual = torch.func.grad(lambda p, shift: inner_loss(curvature, b + shift)(p))
+    solver = implicit_root(residual, solve="dense")(
+        lambda init, shift: newton_cg(inner_loss(curvature, b + shift), init, steps=20, cg_iters=4, tol=1e-12))
+    shift = torch.zeros(4, dtype=DTYPE, requires_grad=True)
+    (grad,) = torch.autograd.grad(outer_loss(solver({"x": x0}, shift)["x"], target), shift)
+    x_star = torch.linalg.solve(curvature, b)
+    expected = torch.linalg.solve(curvature, x_star - target + x_star**2)
+    torch.testing.assert_close(grad, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(("options", "message"), [({"steps": -1}, "steps"), ({"cg_iters": 0}, "cg_iters"),
+                                                   ({"damping": -1.0}, "damping"), ({"armijo": 1.0}, "armijo")])
+def test_newton_cg_bad_input_is_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        newton_cg(rosenbrock, {"x": torch.zeros(2, dtype=DTYPE)}, **{"steps": 1, **options})
