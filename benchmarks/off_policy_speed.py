@@ -8,7 +8,9 @@ After ``--learning-starts`` random steps and one warm-up chunk, the learners tak
 shared machine hits all of them alike. Reported: env steps (= updates) per second from the median
 chunk, by CPU time of the process (``time.process_time``, the fairer clock on a shared machine) and by
 wall time, and the ratios. Then the time of one gradient update alone (``gradient_update``, a
-replay batch already in memory) for TD3, SAC and their MATT variants: MATT's overhead per update.
+replay batch already in memory) for DDPG, TD3, SAC and their MATT variants, taking turns run by run:
+MATT's overhead per update, with the FLOPs of one update (``FlopCounterMode``; TD3 over a cycle of two
+updates, one of them with the delayed actor step).
 
 Run: ``.venv/bin/python benchmarks/off_policy_speed.py [--chunk 1000] [--repeats 3]``
 (needs ``pip install 'bilevel[bench]'`` for stable-baselines3).
@@ -68,9 +70,8 @@ def timed(run: Callable[[], object]) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def per_update_ms(algorithm: str, learning_starts: int, updates: int, repeats: int) -> tuple[float, float]:
-    """Median (CPU ms, wall ms) of one ``gradient_update`` of our ``algorithm`` over ``repeats`` runs of
-    ``updates`` updates, after ``learning_starts`` random steps."""
+def update_learner(algorithm: str, learning_starts: int) -> Callable[[], object]:
+    """Our ``algorithm``'s ``gradient_update`` after ``learning_starts`` random steps and 10 updates."""
     from bilevel.runs.loop import _build, make_config
 
     config = make_config(algorithm, {"env": ENV, "hidden": HIDDEN, "batch_size": BATCH, "actor_lr": LR,
@@ -81,14 +82,30 @@ def per_update_ms(algorithm: str, learning_starts: int, updates: int, repeats: i
     learner.step()
     for _ in range(10):
         learner.gradient_update()
+    return learner.gradient_update
 
-    def run() -> None:
+
+def mflop_per_update(update: Callable[[], object], updates: int) -> float:
+    """Million floating-point operations of one update, counted by ``FlopCounterMode`` over ``updates``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
         for _ in range(updates):
-            learner.gradient_update()
+            update()
+    return counter.get_total_flops() / updates / 1e6
 
-    samples = [timed(run) for _ in range(repeats)]
-    return (1e3 * statistics.median(s[0] for s in samples) / updates,
-            1e3 * statistics.median(s[1] for s in samples) / updates)
+
+def per_update_ms(algorithms: tuple[str, ...], learning_starts: int, updates: int,
+                  repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (CPU ms, wall ms) of one ``gradient_update`` of each of our ``algorithms`` over ``repeats``
+    runs of ``updates`` updates, the algorithms taking turns run by run."""
+    learners = {algorithm: update_learner(algorithm, learning_starts) for algorithm in algorithms}
+    samples: dict[str, list[tuple[float, float]]] = {algorithm: [] for algorithm in algorithms}
+    for _ in range(repeats):
+        for algorithm, update in learners.items():
+            samples[algorithm].append(timed(lambda update=update: [update() for _ in range(updates)]))
+    return {algorithm: (1e3 * statistics.median(s[0] for s in runs) / updates,
+                        1e3 * statistics.median(s[1] for s in runs) / updates) for algorithm, runs in samples.items()}
 
 
 def main() -> None:
@@ -131,15 +148,17 @@ def main() -> None:
     for a, b in (("ours td3-matt", "ours td3"), ("ours sac-matt", "ours sac")):
         print(f"| {a} / {b} time per env step | {rate[b][0] / rate[a][0]:.2f} | {rate[b][1] / rate[a][1]:.2f} |")
 
-    print("\n| learner | ms CPU / update | ms wall / update |")
-    print("|---|---|---|")
-    update_ms = {}
-    for algorithm in ("td3", "td3-matt", "sac", "sac-matt"):
-        update_ms[algorithm] = per_update_ms(algorithm, args.learning_starts, args.updates, args.repeats)
-        print(f"| {algorithm} | {update_ms[algorithm][0]:.2f} | {update_ms[algorithm][1]:.2f} |")
-    for base in ("td3", "sac"):
-        cpu, wall = (update_ms[f"{base}-matt"][i] / update_ms[base][i] for i in (0, 1))
-        print(f"{base}-matt / {base} time per update: {cpu:.2f} (CPU), {wall:.2f} (wall)")
+    print("\n| learner | ms CPU / update | ms wall / update | MFLOP / update | CPU time x base | FLOP x base |")
+    print("|---|---:|---:|---:|---:|---:|")
+    algorithms = ("ddpg", "ddpg-matt", "td3", "td3-matt", "sac", "sac-matt")
+    update_ms = per_update_ms(algorithms, args.learning_starts, args.updates, args.repeats)
+    flops = {algorithm: mflop_per_update(update_learner(algorithm, args.learning_starts),
+                                         2 if algorithm.startswith("td3") else 1) for algorithm in algorithms}
+    for algorithm in algorithms:
+        base = algorithm.removesuffix("-matt")
+        cpu, wall = update_ms[algorithm]
+        print(f"| {algorithm} | {cpu:.2f} | {wall:.2f} | {flops[algorithm]:.0f} | {cpu / update_ms[base][0]:.2f} | "
+              f"{flops[algorithm] / flops[base]:.2f} |")
 
 
 if __name__ == "__main__":
