@@ -59,7 +59,6 @@ from bilevel.algorithms.sac import SAC
 from bilevel.algorithms.td3 import TD3
 from bilevel.inner import unroll
 from bilevel.nets import mlp
-from bilevel.nets.actor_critic import with_masked_relu
 from bilevel.runs import Learner, register
 from bilevel.tree import Tree
 
@@ -172,13 +171,6 @@ class LookAheadMetaLearner(OffPolicyLearner):
         """``(L_actor(phi), L_aux(phi, omega))`` on one batch ``obs [B, D]``, the two losses of the actor's
         own step; a subclass shares their common forward passes (the actor features)."""
         return self.actor_loss(actor_params, obs, noise), self.auxiliary_loss(actor_params, meta_params, obs, noise)
-
-    def make_constant_critic(self) -> nn.Module:
-        """The critic with `MaskedReLU`: the look-ahead's gradient in ``phi`` holds ``grad_a Q(s, a)``, piecewise
-        constant in ``a`` for a ReLU critic, and the meta-gradient's double backward then skips the zero
-        second derivative that `nn.ReLU` would send back through the critic (4% of a TD3-MATT actor update's
-        FLOPs, 6% of SAC-MATT's)."""
-        return with_masked_relu(self.critic)
 
     def build(self) -> None:
         super().build()

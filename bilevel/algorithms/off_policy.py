@@ -264,9 +264,8 @@ class OffPolicyLearner(Learner):
         self.generator.manual_seed(derive_seed(config.seed, SEED_PURPOSES["generator"]))
         self.updates = 0
         self.build()
-        self.constant_critic = self.make_constant_critic()
         self.twin_critic = hasattr(self.critic, "q1")
-        self.q1_module = self.constant_critic.q1 if self.twin_critic else self.constant_critic
+        self.q1_module = self.critic.q1 if self.twin_critic else self.critic
 
     # --- what an algorithm defines -------------------------------------------------------------
 
@@ -296,12 +295,6 @@ class OffPolicyLearner(Learner):
     def actor_loss(self, actor_params: Tree, obs: Tensor, noise: Tensor | None) -> Tensor:
         """``L_actor(phi)`` on ``obs [B, D]``: `loss_of_output` of ``pi_phi(obs)``."""
         return self.loss_of_output(self.actor_output(actor_params, obs), obs, noise)
-
-    def make_constant_critic(self) -> nn.Module:
-        """The module that evaluates the critic held constant, with `critic_constants` passed in (the actor
-        losses, `q1`, `q1_features`, `q1_of_features`): ``self.critic`` itself unless a subclass needs a
-        variant of the same function (the look-ahead meta-learners: `with_masked_relu`)."""
-        return self.critic
 
     def actor_noise(self, batch_size: int) -> Tensor | None:
         """The reparameterisation noise ``[batch_size, A]`` of one actor-loss evaluation (None: deterministic)."""

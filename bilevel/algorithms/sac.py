@@ -104,7 +104,7 @@ class SAC(OffPolicyLearner):
     def loss_of_output(self, output: TanhGaussian, obs: Tensor, noise: Tensor) -> Tensor:
         """``mean (alpha log pi(a~|s) - min_i Q_i(s, a~))`` at the reparameterised ``a~`` of ``noise [B, A]``."""
         actions, log_probs = squashed_action(output, noise)
-        q1, q2 = apply(self.constant_critic, self.critic_constants(), obs, actions)
+        q1, q2 = apply(self.critic, self.critic_constants(), obs, actions)
         return (self.log_alpha.detach().exp() * log_probs - torch.minimum(q1, q2)).mean()
 
     def after_actor_step(self, obs: Tensor) -> dict[str, Tensor]:

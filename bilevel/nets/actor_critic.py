@@ -9,7 +9,6 @@ them to an environment's Box bounds.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -20,14 +19,12 @@ from bilevel.nets.distributions import TanhGaussian
 
 __all__ = [
     "DeterministicActor",
-    "MaskedReLU",
     "QCritic",
     "QFeatures",
     "TanhGaussianActor",
     "TwinQCritic",
     "rescale_action",
     "unscale_action",
-    "with_masked_relu",
 ]
 
 LOG_STD_MIN = -5.0
@@ -42,28 +39,6 @@ def rescale_action(action: Tensor, low: Tensor, high: Tensor) -> Tensor:
 def unscale_action(env_action: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """The inverse of ``rescale_action``: ``2 (env_action - low) / (high - low) - 1``."""
     return 2.0 * (env_action - low) / (high - low) - 1.0
-
-
-class MaskedReLU(nn.Module):
-    """``relu(x) = where(x > 0, x, 0)``: `nn.ReLU`'s values and gradient ``g 1[x > 0]``, but built from the
-    mask, which autograd does not differentiate. `nn.ReLU`'s backward (``threshold_backward``) has a zero
-    derivative with respect to ``x`` that a double backward materialises and sends through every layer
-    before the ReLU; here the double backward stops at the mask."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.where(x > 0, x, 0.0)
-
-
-def with_masked_relu(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` with every `nn.ReLU` replaced by `MaskedReLU`: the same function, parameter
-    names and first derivatives, for evaluations with a parameter tree passed in (its own parameters are
-    copies that are not updated)."""
-    masked = copy.deepcopy(module).requires_grad_(False)
-    for parent in masked.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.ReLU):
-                setattr(parent, name, MaskedReLU())
-    return masked
 
 
 def _scaled(features: Tensor, feature_scale: Tensor | None) -> Tensor:

@@ -211,22 +211,3 @@ def test_bilevel_plot_draws_the_q_gap_curve_and_feature_embeddings(tmp_path, cap
     for name in ("td3-matt_q_gap.png", "td3-matt_tsne.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 1000
         assert name in printed
-
-
-@pytest.mark.parametrize("algorithm", ["td3-matt", "sac-matt"])
-def test_constant_critic_with_masked_relu_is_the_critic_without_its_zero_second_derivative(float64, algorithm):
-    learner = build(algorithm)
-    assert learner.constant_critic is not learner.critic
-    critic = learner.critic_constants()
-    obs = torch.randn(32, 3, generator=torch.Generator().manual_seed(3))
-    actions = torch.rand(32, 1, generator=torch.Generator().manual_seed(4), dtype=obs.dtype).mul(2).sub(1)
-    actions.requires_grad_()
-    masked = learner.q1(critic, obs, actions)
-    plain = learner.critic.q1(obs, actions)
-    assert torch.equal(masked, plain)
-    (masked_grad,) = torch.autograd.grad(masked.sum(), actions, create_graph=True)
-    (plain_grad,) = torch.autograd.grad(plain.sum(), actions, create_graph=True)
-    assert torch.equal(masked_grad, plain_grad)
-    assert not masked_grad.requires_grad and plain_grad.requires_grad
-    (second,) = torch.autograd.grad(plain_grad.sum(), actions)
-    assert torch.equal(second, torch.zeros_like(second))
