@@ -164,7 +164,12 @@ def newton_cg(
         loss: ``theta -> scalar``, twice differentiable.
         params: the starting tree ``theta_0``.
         steps: the most Newton iterations, ``>= 0``.
-        cg_iters, damping, tol, armijo, halvings: as above (``tol`` on ``||g||``, the tree's 2-norm).
+        cg_iters: CG iterations per Newton step, ``>= 1``.
+        damping: the initial Levenberg-Marquardt damping ``mu``, ``>= 0``.
+        tol: stop once ``||g|| <= tol`` (the tree's 2-norm).
+        feasible: ``theta -> 0-dim bool``; a step to an infeasible point is shortened.
+        armijo: the sufficient-decrease constant, in ``(0, 1)``.
+        halvings: the most step lengths ``2^-j`` tried per line search, ``>= 1``.
 
     Returns:
         The last iterate, a tree like ``params``. It is not differentiable through the iterations in a
