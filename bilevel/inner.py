@@ -28,7 +28,7 @@ from bilevel._checks import scalar_valued
 from bilevel.linalg import conjugate_gradient
 from bilevel.tree import Tree
 
-__all__ = ["adam", "meta_sgd", "newton_cg", "unroll"]
+__all__ = ["adam", "known_all_false", "meta_sgd", "newton_cg", "unroll"]
 
 
 def unroll(
@@ -119,18 +119,15 @@ def adam(
     return torchopt.adam(lr, betas=betas, eps=eps, eps_root=eps_root)
 
 
-def _known_all_false(flag: Tensor) -> bool:
-    """Whether the 0-dim boolean ``flag`` is known to be False everywhere: never under ``vmap``, where it
-    may differ per batch element; under ``grad`` and eagerly its value is read."""
+def known_all_false(flag: Tensor) -> bool:
+    """Whether the 0-dim boolean ``flag`` is known to be False everywhere, for a masked loop to stop early:
+    never under ``vmap``, where it may differ per batch element; under ``grad`` and eagerly its value is
+    read."""
     while _functorch.is_functorch_wrapped_tensor(flag):
         if _functorch.is_batchedtensor(flag):
             return False
         flag = _functorch.get_unwrapped(flag)
     return not bool(flag)
-
-
-def _where(condition: Tensor, a: Tree, b: Tree) -> Tree:
-    return tree.map(lambda x, y: torch.where(condition, x, y), a, b)
 
 
 def newton_cg(
@@ -189,7 +186,7 @@ def newton_cg(
     for _ in range(steps):
         grads, hessian_vjp = torch.func.vjp(grad_fn, params)
         running = tree.norm(grads) > tol
-        if _known_all_false(running):
+        if known_all_false(running):
             break
 
         def damped_hessian(v: Tree, mu: Tensor = mu, hessian_vjp: Callable = hessian_vjp) -> Tree:
@@ -197,7 +194,7 @@ def newton_cg(
 
         descent = tree.scale(grads, -1.0)
         direction, _ = conjugate_gradient(damped_hessian, descent, max_iter=cg_iters)
-        direction = _where(tree.dot(grads, direction) < 0, direction, descent)
+        direction = tree.where(tree.dot(grads, direction) < 0, direction, descent)
         slope = tree.dot(grads, direction)
         start = loss(params)
         step = tree.zeros_like(params)
@@ -208,10 +205,10 @@ def newton_cg(
             accept = ~found & (loss(candidate) <= start + armijo * fraction * slope)
             if feasible is not None:
                 accept = accept & feasible(candidate)
-            step = _where(accept, tree.scale(direction, fraction), step)
+            step = tree.where(accept, tree.scale(direction, fraction), step)
             found = found | accept
-            if _known_all_false(~found):
+            if known_all_false(~found):
                 break
-        params = _where(running & found, tree.add(params, step), params)
+        params = tree.where(running & found, tree.add(params, step), params)
         mu = torch.where(running, torch.where(found, mu / 3, mu * 10), mu)
     return params

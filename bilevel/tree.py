@@ -42,6 +42,7 @@ __all__ = [
     "stack",
     "sub",
     "to",
+    "where",
     "zeros_like",
 ]
 
@@ -131,6 +132,12 @@ def dot(a: Tree, b: Tree) -> Tensor:
 def norm(a: Tree) -> Tensor:
     """The Euclidean norm of all leaves taken as one vector."""
     return torch.sqrt(dot(a, a))
+
+
+def where(condition: Tensor, a: Tree, b: Tree) -> Tree:
+    """``a`` where the 0-dim boolean ``condition`` holds, else ``b``, leafwise (a select that runs under
+    ``vmap``, where ``condition`` may differ per batch element)."""
+    return map(lambda x, y: torch.where(condition, x, y), a, b)
 
 
 def zeros_like(a: Tree) -> Tree:

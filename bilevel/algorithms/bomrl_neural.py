@@ -27,8 +27,9 @@ J^(theta)`` from ``theta_0 = phi`` with one of two solvers (`ADAPT_SOLVERS`):
   at, a stationary point, and the unclipped lower bound is not bounded above in ``theta`` (the ratio
   ``pi_theta / pi_phi`` grows exponentially in a mean shift, D1 only quadratically), so it can run
   away; ``clip > 0`` bounds it (`soft_clip`);
-- ``newton``: ``steps`` damped Newton-CG steps (Levenberg-Marquardt damping ``mu``, Nocedal & Wright
-  Sec. 7.1 and 10.3): ``(H + mu I) d = -g`` by ``cg_iters`` CG iterations on Hessian-vector products,
+- ``newton``: ``steps`` iterations of `bilevel.newton_cg`, damped Newton-CG (Levenberg-Marquardt
+  damping ``mu``, Nocedal & Wright Sec. 7.1 and 10.3): ``(H + mu I) d = -g`` by ``cg_iters`` CG
+  iterations on Hessian-vector products,
   then the longest step ``t d``, ``t`` in ``{1, 1/2, ..., 2^-15}``, that satisfies Armijo's condition
   ``L(theta + t d) <= L(theta) + 1e-4 t g.d`` (so ``L`` never increases); a failed line search multiplies
   ``mu`` by 10 and keeps ``theta``, a success divides it by 3. It stops once ``||g|| <= tol``: the
@@ -63,17 +64,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch._C._functorch as _functorch
 import torchopt
 from torch import Tensor, nn
 from torch.func import vmap
 
 from bilevel import tree
-from bilevel.algorithms.maml_trpo import SEED_PURPOSES, trpo_metrics
+from bilevel.algorithms.maml_trpo import SEED_PURPOSES
 from bilevel.envs import make_family
 from bilevel.implicit import ImplicitDiagnostics, LinearSolveWarning, implicit_root
-from bilevel.inner import adam, unroll
-from bilevel.linalg import conjugate_gradient
+from bilevel.inner import adam, known_all_false, newton_cg, unroll
 from bilevel.nets import GaussianMLPPolicy, gaussian_kl
 from bilevel.rl import importance_weighted_loss, masked_mean, reinforce_loss
 from bilevel.rl.meta_batches import (
@@ -115,8 +114,6 @@ __all__ = [
 
 DISTANCES = ("D1", "D2", "D3")
 ADAPT_SOLVERS = ("adam", "newton")
-LINE_SEARCH_HALVINGS = 16
-ARMIJO = 1e-4
 
 
 class AdaptationBatch(NamedTuple):
@@ -220,23 +217,13 @@ def solve_adaptation(init: Tree, meta_params: Tree, batch: AdaptationBatch, adap
         raise ValueError(f"unknown adaptation `solver` {adaptation.solver!r}; choose one of {list(ADAPT_SOLVERS)}")
     loss = functools.partial(adaptation_loss, meta_params=meta_params, batch=batch, adaptation=adaptation)
     if adaptation.solver == "newton":
-        return _newton_adaptation(loss, init, meta_params, batch, adaptation)
+        feasible = None if math.isinf(adaptation.max_distance) else functools.partial(
+            _inside, meta_params=meta_params, batch=batch, adaptation=adaptation)
+        return newton_cg(loss, init, adaptation.steps, cg_iters=adaptation.cg_iters, damping=adaptation.damping,
+                         tol=adaptation.tol, feasible=feasible)
     if math.isinf(adaptation.max_distance):
         return unroll(loss, init, adam(adaptation.lr), adaptation.steps)
     return _safeguarded_adam(loss, init, meta_params, batch, adaptation)
-
-
-def _all_false(flag: Tensor) -> bool:
-    """Whether ``flag`` is known to be False: never under ``vmap``, where it may differ per task."""
-    while _functorch.is_functorch_wrapped_tensor(flag):
-        if _functorch.is_batchedtensor(flag):
-            return False
-        flag = _functorch.get_unwrapped(flag)
-    return not bool(flag)
-
-
-def _where(condition: Tensor, a: Tree, b: Tree) -> Tree:
-    return tree.map(lambda x, y: torch.where(condition, x, y), a, b)
 
 
 def _inside(params: Tree, meta_params: Tree, batch: AdaptationBatch, adaptation: Adaptation) -> Tensor:
@@ -262,50 +249,11 @@ def _safeguarded_adam(
         running = running & _inside(proposal, meta_params, batch, adaptation)
         proposal_loss = loss(proposal)
         better = running & (proposal_loss < best_loss)
-        best, best_loss = _where(better, proposal, best), torch.where(better, proposal_loss, best_loss)
-        params = _where(running, proposal, params)
-        if _all_false(running):
+        best, best_loss = tree.where(better, proposal, best), torch.where(better, proposal_loss, best_loss)
+        params = tree.where(running, proposal, params)
+        if known_all_false(running):
             break
     return best
-
-
-def _newton_adaptation(
-    loss: Callable[[Tree], Tensor], init: Tree, meta_params: Tree, batch: AdaptationBatch, adaptation: Adaptation
-) -> Tree:
-    """Damped Newton-CG with an Armijo backtracking line search (module docstring)."""
-    grad_fn = torch.func.grad(loss)
-    params = init
-    device = tree.leaves(init)[0].device
-    mu = torch.full((), adaptation.damping, dtype=tree.leaves(init)[0].dtype, device=device)
-    fractions = [0.5**k for k in range(LINE_SEARCH_HALVINGS)]
-    for _ in range(adaptation.steps):
-        grads, hessian_vjp = torch.func.vjp(grad_fn, params)
-        running = tree.norm(grads) > adaptation.tol
-        if _all_false(running):
-            break
-
-        def damped_hessian(v: Tree, mu: Tensor = mu, hessian_vjp: Callable = hessian_vjp) -> Tree:
-            return tree.axpy(mu, v, hessian_vjp(v)[0])
-
-        direction, _ = conjugate_gradient(damped_hessian, tree.scale(grads, -1.0), max_iter=adaptation.cg_iters)
-        slope = tree.dot(grads, direction)
-        direction = _where(slope < 0, direction, tree.scale(grads, -1.0))
-        slope = tree.dot(grads, direction)
-        start = loss(params)
-        step = tree.zeros_like(params)
-        found = torch.zeros((), dtype=torch.bool, device=device)
-        for fraction in fractions:
-            candidate = tree.axpy(fraction, direction, params)
-            ok = ~found & (loss(candidate) <= start + ARMIJO * fraction * slope)
-            ok = ok & _inside(candidate, meta_params, batch, adaptation)
-            step = _where(ok, tree.scale(direction, fraction), step)
-            found = found | ok
-            if _all_false(~found):
-                break
-        accepted = running & found
-        params = _where(accepted, tree.add(params, step), params)
-        mu = torch.where(running, torch.where(found, mu / 3, mu * 10), mu)
-    return params
 
 
 def implicit_adaptation(
@@ -551,7 +499,7 @@ class BOMRLNeural(Learner):
             "hypergradient_norm": float(tree.norm(hypergradient)),
             **self._adaptation_metrics(meta_params, adapted_params, batches, adaptation),
             **_mean_diagnostics([solver.diagnostics for solver in solvers]),
-            **trpo_metrics(info),
+            **info.metrics(),
         }
 
     @staticmethod

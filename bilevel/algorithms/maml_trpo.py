@@ -61,7 +61,7 @@ from bilevel.rl.meta_batches import (
 )
 from bilevel.runs import Learner, RunConfig, derive_seed, register
 from bilevel.tree import Tree
-from bilevel.trpo import TRPOInfo, TRPOSettings, trpo_step
+from bilevel.trpo import TRPOSettings, trpo_step
 
 __all__ = [
     "MAMLTRPO",
@@ -78,7 +78,6 @@ __all__ = [
     "sample_navigation",
     "standardized_advantages",
     "task_data",
-    "trpo_metrics",
 ]
 
 SEED_PURPOSES = {"tasks": 0, "actions": 1, "train_envs": 2, "valid_envs": 3}
@@ -171,14 +170,6 @@ class MAMLTRPOConfig(PolicyGradientSettings, TRPOSettings, RunConfig):
             raise ValueError(f"`inner_lr` must be > 0; got {self.inner_lr}")
 
 
-def trpo_metrics(info: TRPOInfo) -> dict[str, float]:
-    """The TRPO record as floats for the metrics row."""
-    return {"trpo_kl": info.kl, "trpo_improvement": info.loss_before - info.loss_after,
-            "trpo_expected_improvement": info.expected_improvement, "trpo_backtracks": float(info.backtracks),
-            "trpo_accepted": float(info.accepted), "trpo_step_fraction": info.step_fraction,
-            "surrogate_loss": info.loss_before, "cg_residual": float(info.cg.residual_norm)}
-
-
 @register("maml-trpo")
 class MAMLTRPO(Learner):
     """MAML-TRPO (Finn et al. 2017) on 2-D navigation, HalfCheetah velocity/direction and Ant direction."""
@@ -232,7 +223,7 @@ class MAMLTRPO(Learner):
         return_before = float(train_episodes.episode_returns().mean())
         return_after = float(valid_episodes.episode_returns().mean())
         return {"return": return_after, "return_before": return_before, "return_after": return_after,
-                **trpo_metrics(info)}
+                **info.metrics()}
 
     def held_out_tasks(self, count: int) -> list[Any]:
         """``count`` tasks from a generator no training iteration uses; both directions for the
