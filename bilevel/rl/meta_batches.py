@@ -459,16 +459,19 @@ def adaptation_returns(
 
     Per task: ``episodes`` stochastic episodes of the meta-policy (the adaptation data), the
     adaptation on them, then stochastic and deterministic (mean-action) episodes of the
-    meta-policy and of the adapted policy, reported separately."""
+    meta-policy and of the adapted policy, reported separately: ``return_{before,after}_{stochastic,
+    deterministic}`` over all tasks, and the same keys with ``_task{i}`` for task ``i`` alone (so
+    that, on HalfCheetah-dir, the forward and the backward task can be told apart)."""
     before = sample(tasks, meta_params, generator, per_task=False, env_seed=env_seed, episodes=episodes)
     adapted = tree.detach(adapt(meta_params, before))
     after = sample(tasks, adapted, generator, per_task=True, env_seed=env_seed + 1, episodes=episodes)
     before_mean_action = sample(tasks, meta_params, None, per_task=False, env_seed=env_seed + 2, episodes=episodes)
     after_mean_action = sample(tasks, adapted, None, per_task=True, env_seed=env_seed + 3, episodes=episodes)
-    return {
-        "return_before_stochastic": float(before.episode_returns().mean()),
-        "return_after_stochastic": float(after.episode_returns().mean()),
-        "return_before_deterministic": float(before_mean_action.episode_returns().mean()),
-        "return_after_deterministic": float(after_mean_action.episode_returns().mean()),
-        "tasks": float(len(tasks)),
-    }
+    result = {"tasks": float(len(tasks))}
+    for name, batch in (("return_before_stochastic", before), ("return_after_stochastic", after),
+                        ("return_before_deterministic", before_mean_action),
+                        ("return_after_deterministic", after_mean_action)):
+        per_task = batch.episode_returns().mean(dim=1)
+        result[name] = float(per_task.mean())
+        result.update({f"{name}_task{i}": float(value) for i, value in enumerate(per_task)})
+    return result

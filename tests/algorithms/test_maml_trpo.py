@@ -150,6 +150,10 @@ def test_cli_train_resume_equals_straight_run_and_eval(tmp_path):
     for key in ("before", "after"):
         assert -20 * 1.5 < result[f"return_{key}_deterministic"] < 0
         assert result[f"return_{key}_stochastic"] != result[f"return_{key}_deterministic"]
+        for mode in ("stochastic", "deterministic"):
+            per_task = [result[f"return_{key}_{mode}_task{i}"] for i in range(3)]
+            assert len(set(per_task)) == 3, "three goals, three different returns"
+            assert result[f"return_{key}_{mode}"] == pytest.approx(sum(per_task) / 3, rel=1e-6)
 
 
 def test_cli_halfcheetah_velocity_one_iteration(tmp_path):
