@@ -384,7 +384,7 @@ def plot_q_gap(run_dirs: list[Path], out_dir: Path) -> list[Path]:
         curves = [metric_series(f.read_metrics(), "env_steps", "q_attention_minus_vanilla") for f in group]
         if not any(x for x, _ in curves):
             continue
-        grid, mean, low, high = seed_band(curves)
+        grid, mean, low, high, _ = seed_band(curves)
         ax.plot(grid, mean, label=f"{label} ({len(group)} seeds)")
         ax.fill_between(grid, low, high, alpha=0.25)
     ax.axhline(0.0, color="black", lw=0.8)

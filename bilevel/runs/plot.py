@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,17 +37,27 @@ def group_by_config(folders: list[RunFolder]) -> dict[str, list[RunFolder]]:
 
 
 def seed_band(curves: list[tuple[list[float], list[float]]], points: int = 100):
-    """Mean and 95% normal-approximation band (1.96 standard errors) of curves
-    interpolated onto a shared x grid over the range all of them cover."""
-    curves = [(np.asarray(x), np.asarray(y)) for x, y in curves if len(x) > 0]
+    """Mean and 95% normal-approximation band (1.96 standard errors) of curves interpolated onto a
+    shared x grid over the union of their ranges.
+
+    At each grid point the mean and the band are over the curves whose range covers it, so a run that
+    is still training (or stopped early) counts up to its last point and no further, and does not cut
+    the others short; the band is zero where one curve remains. Returns ``(grid, mean, low, high,
+    count)``, ``count`` the number of curves at each grid point."""
+    curves = [(np.asarray(x, dtype=float), np.asarray(y, dtype=float)) for x, y in curves if len(x) > 0]
     if not curves:
         raise ValueError("no run has the requested metrics")
-    lo, hi = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
+    lo, hi = min(x[0] for x, _ in curves), max(x[-1] for x, _ in curves)
     grid = np.linspace(lo, hi, points) if hi > lo else np.array([lo])
     values = np.stack([np.interp(grid, x, y) for x, y in curves])
-    mean = values.mean(0)
-    half_width = 1.96 * values.std(0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
-    return grid, mean, mean - half_width, mean + half_width
+    covered = np.stack([(grid >= x[0]) & (grid <= x[-1]) for x, _ in curves])
+    count = covered.sum(0)
+    mean = np.where(covered, values, 0.0).sum(0) / count
+    squares = np.where(covered, (values - mean) ** 2, 0.0).sum(0)
+    several = count > 1
+    std = np.sqrt(np.divide(squares, count - 1, out=np.zeros_like(mean), where=several))
+    half_width = np.where(several, 1.96 * std / np.sqrt(count), 0.0)
+    return grid, mean, mean - half_width, mean + half_width, count
 
 
 def plot_curves(run_dirs: list[str | Path], out: str | Path, *, x: str = "env_steps", y: str = "return") -> Path:
@@ -63,7 +72,7 @@ def plot_curves(run_dirs: list[str | Path], out: str | Path, *, x: str = "env_st
     folders = [RunFolder(d) for d in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, group in group_by_config(folders).items():
-        grid, mean, low, high = seed_band([metric_series(f.read_metrics(), x, y) for f in group])
+        grid, mean, low, high, _ = seed_band([metric_series(f.read_metrics(), x, y) for f in group])
         ax.plot(grid, mean, label=f"{label} ({len(group)} seeds)")
         ax.fill_between(grid, low, high, alpha=0.25)
     ax.set_xlabel(x)

@@ -4,12 +4,16 @@ import csv
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bilevel import cli
 from bilevel.runs import Learner, RunConfig, RunFolder, derive_seed, register, train
 from bilevel.runs.loop import load_learner, make_config
+from bilevel.runs.plot import seed_band
 
 
 class SimulatedKill(Exception):
@@ -211,3 +215,18 @@ def test_every_algorithm_prints_its_options(capsys):
             cli.main(["train", name, "--help"])
         assert exit_info.value.code == 0, name
         assert "--threads" in capsys.readouterr().out, name
+
+
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4), points=st.integers(2, 50))
+def test_seed_band_covers_every_run_and_averages_the_runs_present(lengths, points):
+    curves = [([1000.0 * k for k in range(1, n + 1)], [float(k * (i + 1)) for k in range(1, n + 1)])
+              for i, n in enumerate(lengths)]
+    grid, mean, low, high, count = seed_band(curves, points=points)
+    assert grid[0] == 1000.0 and grid[-1] == 1000.0 * max(lengths)
+    for j, g in enumerate(grid):
+        present = [np.interp(g, x, y) for x, y in curves if x[0] <= g <= x[-1]]
+        assert count[j] == len(present)
+        assert mean[j] == pytest.approx(np.mean(present))
+        half = 1.96 * np.std(present, ddof=1) / np.sqrt(len(present)) if len(present) > 1 else 0.0
+        assert high[j] - mean[j] == pytest.approx(half, abs=1e-9)
+        assert mean[j] - low[j] == pytest.approx(half, abs=1e-9)
