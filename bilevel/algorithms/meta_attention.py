@@ -13,8 +13,9 @@ Per actor update, with a train batch ``d_trn`` and an independent validation bat
     L_att(psi) = tanh(L_actor(phi_new; d_val) - L_actor(phi_old; d_val))           (eq. 10)
     psi <- Adam(psi, grad_psi L_att)
 
-The look-ahead steps are plain SGD at the actor's learning rate; eq. 9 is a `bilevel.inner.unroll`
-call and ``grad_psi L_att`` differentiates through it. Eq. 8's gradient is the vanilla gradient the
+The look-ahead steps are plain SGD at the actor's learning rate (`sgd_lookahead`: `bilevel.inner.unroll`'s
+step with ``torchopt.sgd``, bit for bit, by ``torch.autograd.grad`` with ``create_graph``) and
+``grad_psi L_att`` differentiates through eq. 9's. Eq. 8's gradient is the vanilla gradient the
 actor's own step takes at the same ``phi``, so it is computed once for both (with
 ``meta_loss_trains_actor`` both steps are unrolled, differentiable in ``phi``). One actor-feature pass
 serves the vanilla and the attention action (`MetaAttention.attention_forward`), and over DDPG and TD3
@@ -37,6 +38,11 @@ winner's distribution), then adds its exploration noise. Evaluation reports the 
 and attention features of 250 consecutive evaluation states, which `MetaAttention.plot_runs` draws
 as the Q-gap curve and a t-SNE embedding (section 4.3, Figure 6).
 
+``meta_interval = k > 1`` (not the default, and not the paper's algorithm) runs the look-ahead and the
+meta-net's step (eqs. 8-10) on every k-th actor update only; the other actor updates take the actor's
+step alone, ``grad (L_actor + L_aux)(phi)`` in one backward pass, with the meta-net held fixed. It
+trades meta-updates for time (docs/benchmarks.md, "Off-policy learners").
+
 The same look-ahead trains Meta-Critic's learned loss (`bilevel.algorithms.meta_critic`), so the
 loop lives here in `LookAheadMetaLearner`, parameterised by the auxiliary actor loss.
 """
@@ -45,11 +51,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torchopt
 from torch import Tensor, nn
 
 from bilevel import tree
@@ -57,7 +63,6 @@ from bilevel.algorithms.ddpg import DDPG
 from bilevel.algorithms.off_policy import OffPolicyLearner, adam, apply, parameters
 from bilevel.algorithms.sac import SAC
 from bilevel.algorithms.td3 import TD3
-from bilevel.inner import unroll
 from bilevel.nets import mlp
 from bilevel.runs import Learner, register
 from bilevel.tree import Tree
@@ -76,6 +81,7 @@ __all__ = [
     "make_variant",
     "plot_feature_embeddings",
     "plot_q_gap",
+    "sgd_lookahead",
 ]
 
 LOOKAHEAD_LAYERS = {"first": ("features.0.",), "features": ("features.",), "all": ("",)}
@@ -87,6 +93,23 @@ def lookahead_split(actor_params: dict[str, Tensor], layers: str) -> tuple[dict[
     prefixes = LOOKAHEAD_LAYERS[layers]
     moved = {name: value for name, value in actor_params.items() if name.startswith(prefixes)}
     return moved, {name: value for name, value in actor_params.items() if name not in moved}
+
+
+def sgd_lookahead(loss: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor],
+                  lr: float) -> dict[str, Tensor]:
+    """One differentiable SGD step ``params - lr grad loss(params)`` (eqs. 8, 9): the tree
+    ``bilevel.inner.unroll(loss, params, torchopt.sgd(lr), 1)`` returns, bit for bit, differentiable in
+    ``params`` (where they require grad) and in every tensor ``loss`` closes over.
+
+    Taken by ``torch.autograd.grad(create_graph=True)`` rather than `unroll`'s ``torch.func.grad``,
+    whose per-operation dispatch cost 15-25% of MATT's look-ahead and meta-gradient on the authors'
+    networks. Entries that do not require grad are differentiated as fresh leaves (their step is then
+    constant in them); an entry ``loss`` does not read gets a zero gradient, as under ``torch.func.grad``."""
+    with torch.enable_grad():
+        inputs = {name: value if value.requires_grad else value.detach().requires_grad_()
+                  for name, value in params.items()}
+        grads = torch.autograd.grad(loss(inputs), list(inputs.values()), create_graph=True, materialize_grads=True)
+        return {name: value - lr * grad for (name, value), grad in zip(inputs.items(), grads, strict=True)}
 
 
 class AttentionForward(NamedTuple):
@@ -120,12 +143,18 @@ class LookAheadConfig:
     vanilla gradient (authors)."""
     meta_loss_trains_actor: bool = False
     """Also add the meta loss's gradient through both look-ahead steps to the moved layers' gradient."""
+    meta_interval: int = 1
+    """Run the look-ahead and the meta-net's step on every k-th actor update only (1: every one, as in
+    the paper and the authors' code); the actor's own step, with the auxiliary gradient, runs on every
+    actor update. A speed option that changes the algorithm: the meta-net gets 1/k of the updates."""
 
     def validate(self) -> None:
         super().validate()  # type: ignore[misc]
         if self.meta_lr <= 0 or self.meta_weight_decay < 0:
             raise ValueError(f"`meta_lr` must be > 0 and `meta_weight_decay` >= 0; got {self.meta_lr} "
                              f"and {self.meta_weight_decay}")
+        if self.meta_interval < 1:
+            raise ValueError(f"`meta_interval` must be >= 1; got {self.meta_interval}")
         if self.lookahead_layers not in LOOKAHEAD_LAYERS:
             raise ValueError(f"`lookahead_layers` must be one of {sorted(LOOKAHEAD_LAYERS)}; "
                              f"got {self.lookahead_layers!r}")
@@ -198,18 +227,22 @@ class LookAheadMetaLearner(OffPolicyLearner):
         def actor(moved_params: Tree) -> Tree:
             return {**fixed, **moved_params}
 
-        step = torchopt.sgd(self.config.actor_lr)
+        lr = self.config.actor_lr
         if old is None:
-            old = unroll(lambda p: self.actor_loss(actor(p), train_obs, train_noise), moved, step, 1)
-        new = unroll(lambda p: self.auxiliary_loss(actor(p), meta_params, train_obs, train_noise), old, step, 1)
+            old = sgd_lookahead(lambda p: self.actor_loss(actor(p), train_obs, train_noise), moved, lr)
+        new = sgd_lookahead(lambda p: self.auxiliary_loss(actor(p), meta_params, train_obs, train_noise), old, lr)
         improvement = self.actor_loss(actor(new), val_obs, val_noise) - self.actor_loss(actor(old), val_obs, val_noise)
         return torch.tanh(improvement)
 
     def actor_update(self, obs: Tensor) -> dict[str, Tensor]:
         """The actor's step on ``grad L_actor(phi) (+ grad L_aux(phi, omega))`` and the meta-net's step on
         ``grad_omega L_meta`` (eq. 10), both at the current ``phi``. Without ``meta_loss_trains_actor``,
-        eq. 8's gradient is the vanilla gradient of the actor's step, computed once for both."""
+        eq. 8's gradient is the vanilla gradient of the actor's step, computed once for both. With
+        ``meta_interval = k``, actor updates ``1, k + 1, 2k + 1, ...`` do this and the others
+        `actor_step_without_lookahead`."""
         config = self.config
+        if (self.updates // config.policy_frequency - 1) % config.meta_interval:
+            return self.actor_step_without_lookahead(obs)
         val_obs = self.buffer.sample(config.batch_size, self.generator).obs
         train_noise, val_noise = self.actor_noise(obs.shape[0]), self.actor_noise(obs.shape[0])
         actor_params = self.actor_params()
@@ -243,6 +276,20 @@ class LookAheadMetaLearner(OffPolicyLearner):
             param.grad = grad
         self.meta_optimizer.step()
         return {"actor_loss": actor_loss.detach(), "meta_loss": meta_loss.detach(), **self.after_actor_step(obs)}
+
+    def actor_step_without_lookahead(self, obs: Tensor) -> dict[str, Tensor]:
+        """The actor's step alone, the meta-net held fixed: on ``grad (L_actor + L_aux)(phi)``, one backward
+        pass (``grad L_actor(phi)`` without ``auxiliary_trains_actor``); ``obs [B, D]``."""
+        if not self.config.auxiliary_trains_actor:
+            return super().actor_update(obs)
+        actor_params = self.actor_params()
+        actor_loss, auxiliary = self.actor_and_auxiliary_losses(
+            actor_params, parameters(self.meta_net, detach=True), obs, self.actor_noise(obs.shape[0]))
+        grads = torch.autograd.grad(actor_loss + auxiliary, list(actor_params.values()), materialize_grads=True)
+        for param, grad in zip(actor_params.values(), grads, strict=True):
+            param.grad = grad
+        self.actor_optimizer.step()
+        return {"actor_loss": actor_loss.detach(), **self.after_actor_step(obs)}
 
     def extra_state(self) -> dict[str, Any]:
         return {"base": super().extra_state(), "meta_net": self.meta_net.state_dict(),

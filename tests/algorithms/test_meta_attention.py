@@ -1,17 +1,20 @@
-"""MATT and Meta-Critic: the meta-gradient through the look-ahead, the scale's range, dance twice,
-every variant from the CLI, and TD3-MATT-DT learning Pendulum."""
+"""MATT and Meta-Critic: the meta-gradient through the look-ahead (against finite differences and a
+reference through `bilevel.inner.unroll`), the scale's range, dance twice, the meta interval, every
+variant from the CLI, and TD3-MATT-DT learning Pendulum."""
 
 import functools
 import json
 
 import pytest
 import torch
+import torchopt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bilevel import cli, tree
-from bilevel.algorithms.meta_attention import VARIANTS, choose_by_q, lookahead_split
+from bilevel.algorithms.meta_attention import VARIANTS, choose_by_q, lookahead_split, sgd_lookahead
+from bilevel.inner import unroll
 from bilevel.runs import RunFolder
 from bilevel.runs.loop import _build, make_config
 
@@ -190,6 +193,118 @@ def test_shared_forward_losses_equal_separate_ones(algorithm):
     vanilla, auxiliary = learner.actor_and_auxiliary_losses(learner.actor_params(), meta_params, obs, noise)
     assert torch.equal(vanilla, learner.actor_loss(learner.actor_params(), obs, noise))
     assert torch.equal(auxiliary, learner.auxiliary_loss(learner.actor_params(), meta_params, obs, noise))
+
+
+@functools.cache
+def reference_learner(algorithm, layers):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return build(algorithm, actor_lr=0.3, lookahead_layers=layers)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@settings(max_examples=12, deadline=None)
+@given(algorithm=st.sampled_from(["td3-matt", "sac-matt", "ddpg-matt", "td3-mc"]),
+       layers=st.sampled_from(["first", "features", "all"]), seed=st.integers(0, 2**16), lr=st.floats(1e-3, 1.0))
+def test_meta_gradient_equals_a_reference_through_unroll(algorithm, layers, seed, lr):
+    """The meta loss and its gradient in ``psi`` and in the moved layers (float64), against eqs. 8-10
+    written out with `bilevel.inner.unroll` and ``torchopt.sgd``: equal to 1e-12."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        learner = reference_learner(algorithm, layers)
+        generator = torch.Generator().manual_seed(seed)
+        train_obs, val_obs = torch.randn(8, 3, generator=generator), torch.randn(8, 3, generator=generator)
+        learner.generator.manual_seed(seed)
+        train_noise, val_noise = learner.actor_noise(8), learner.actor_noise(8)
+        moved, fixed = lookahead_split(tree.detach(learner.actor_params()), layers)
+        moved = {k: (v + 0.1 * torch.randn(v.shape, generator=generator)).requires_grad_() for k, v in moved.items()}
+        meta_params = {k: (v.detach() * (1 + torch.rand(v.shape, generator=generator))).requires_grad_()
+                       for k, v in tree.params_of(learner.meta_net).items()}
+
+        def reference():
+            def actor(p):
+                return {**fixed, **p}
+
+            step = torchopt.sgd(lr)
+            old = unroll(lambda p: learner.actor_loss(actor(p), train_obs, train_noise), moved, step, 1)
+            new = unroll(lambda p: learner.auxiliary_loss(actor(p), meta_params, train_obs, train_noise), old, step, 1)
+            return torch.tanh(learner.actor_loss(actor(new), val_obs, val_noise)
+                              - learner.actor_loss(actor(old), val_obs, val_noise))
+
+        learner.config.actor_lr = lr
+        inputs = [*meta_params.values(), *moved.values()]
+        expected = reference()
+        optimised = learner.meta_loss(meta_params, moved, fixed, train_obs, val_obs, train_noise, val_noise)
+        assert torch.allclose(optimised, expected, rtol=1e-12, atol=1e-15)
+        for a, b in zip(torch.autograd.grad(optimised, inputs), torch.autograd.grad(expected, inputs), strict=True):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+    finally:
+        learner.config.actor_lr = 0.3
+        torch.set_default_dtype(previous)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), lr=st.floats(1e-4, 10.0), requires_grad=st.booleans())
+def test_sgd_lookahead_is_unrolls_sgd_step_bit_for_bit(seed, lr, requires_grad):
+    generator = torch.Generator().manual_seed(seed)
+    weight, scale = torch.randn(4, 3, generator=generator), torch.randn(3, generator=generator).requires_grad_()
+    params = {"w": torch.randn(3, generator=generator).requires_grad_(requires_grad),
+              "unused": torch.randn(2, generator=generator)}
+
+    def loss(p):
+        return torch.tanh(weight @ (p["w"] * scale)).square().sum()
+
+    ours, theirs = sgd_lookahead(loss, params, lr), unroll(loss, params, torchopt.sgd(lr), 1)
+    assert all(torch.equal(ours[k], theirs[k]) for k in params)
+    inputs = [scale, params["w"]] if requires_grad else [scale]
+    for a, b in zip(torch.autograd.grad(ours["w"].sum(), inputs), torch.autograd.grad(theirs["w"].sum(), inputs),
+                    strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(sgd_lookahead(loss, params, lr)["w"], theirs["w"])
+
+
+@pytest.mark.parametrize("algorithm", ["td3-matt", "sac-matt", "td3-mc"])
+def test_meta_interval_steps_the_meta_net_on_every_kth_actor_update(algorithm):
+    """With ``meta_interval = 3`` the meta-net moves on actor updates 1, 4, 7, ... only; the others are the
+    actor's step on ``grad (L_actor + L_aux)``, and ``meta_interval = 1`` is the default."""
+    assert build(algorithm).config.meta_interval == 1
+    learner = build(algorithm, meta_interval=3, policy_frequency=1, steps_per_iteration=60, learning_starts=51)
+    learner.step()
+    assert learner.updates == 10
+    update = learner.actor_update
+    expected = []
+
+    def spy(obs):
+        expected.clear()
+        if learner.updates % 3 != 1:
+            state = learner.generator.get_state()
+            live = learner.actor_params()
+            vanilla, auxiliary = learner.actor_and_auxiliary_losses(live, tree.params_of(learner.meta_net), obs,
+                                                                    learner.actor_noise(obs.shape[0]))
+            expected.extend(torch.autograd.grad(vanilla + auxiliary, list(live.values()), materialize_grads=True))
+            learner.generator.set_state(state)
+        return update(obs)
+
+    learner.actor_update = spy
+    moves = []
+    for _ in range(6):
+        meta_before = [p.detach().clone() for p in learner.meta_net.parameters()]
+        learner.gradient_update()
+        moves.append(not all(torch.equal(a, b) for a, b in zip(meta_before, learner.meta_net.parameters(),
+                                                              strict=True)))
+        if expected:
+            assert all(torch.equal(p.grad, g) for p, g in zip(learner.actor_params().values(), expected,
+                                                             strict=True))
+    assert moves == [False, False, True, False, False, True]
+
+
+def test_meta_interval_must_be_positive():
+    with pytest.raises(ValueError, match="meta_interval"):
+        build("td3-matt", meta_interval=0)
 
 
 def test_bilevel_plot_draws_the_q_gap_curve_and_feature_embeddings(tmp_path, capsys):
