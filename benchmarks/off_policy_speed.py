@@ -10,9 +10,11 @@ chunk, by CPU time of the process (``time.process_time``, the fairer clock on a 
 wall time, and the ratios. Then the time of one gradient update alone (``gradient_update``, a
 replay batch already in memory) for DDPG, TD3, SAC and their MATT variants, taking turns run by run:
 MATT's overhead per update, with the FLOPs of one update (``FlopCounterMode``; TD3 over a cycle of two
-updates, one of them with the delayed actor step).
+updates, one of them with the delayed actor step). TD3-MATT and SAC-MATT also run with each
+``--meta-intervals`` k (``meta_interval = k``: the look-ahead on every k-th actor update only, an option
+that changes the algorithm, not the default), their FLOPs averaged over a cycle of k actor updates.
 
-Run: ``.venv/bin/python benchmarks/off_policy_speed.py [--chunk 1000] [--repeats 3]``
+Run: ``.venv/bin/python benchmarks/off_policy_speed.py [--chunk 1000] [--repeats 3] [--meta-intervals 4 16]``
 (needs ``pip install 'bilevel[bench]'`` for stable-baselines3).
 """
 
@@ -32,15 +34,28 @@ BATCH = 128
 LR = 1e-3
 
 
-def ours(algorithm: str, learning_starts: int, chunk: int) -> Callable[[], None]:
-    """A function that trains our ``algorithm`` for ``chunk`` env steps per call (after a first call that
-    fills the buffer with ``learning_starts`` random steps)."""
+def learner_name(algorithm: str, meta_interval: int = 1) -> str:
+    """``algorithm``, with `` k=K`` where the look-ahead runs on every K-th actor update only."""
+    return algorithm if meta_interval == 1 else f"{algorithm} k={meta_interval}"
+
+
+def build(name: str, learning_starts: int, steps_per_iteration: int) -> object:
+    """Our learner ``name`` (`learner_name`) with the benchmark's settings."""
     from bilevel.runs.loop import _build, make_config
 
-    config = make_config(algorithm, {"env": ENV, "hidden": HIDDEN, "batch_size": BATCH, "actor_lr": LR,
-                                     "critic_lr": LR, "learning_starts": learning_starts, "steps_per_iteration": chunk,
-                                     "eval_episodes": 0, "device": "cpu", "buffer_size": 100_000})
-    learner = _build(algorithm, config)
+    algorithm, _, interval = name.partition(" k=")
+    values = {"env": ENV, "hidden": HIDDEN, "batch_size": BATCH, "actor_lr": LR, "critic_lr": LR,
+              "learning_starts": learning_starts, "steps_per_iteration": steps_per_iteration, "eval_episodes": 0,
+              "device": "cpu", "buffer_size": 100_000}
+    if interval:
+        values["meta_interval"] = int(interval)
+    return _build(algorithm, make_config(algorithm, values))
+
+
+def ours(name: str, learning_starts: int, chunk: int) -> Callable[[], None]:
+    """A function that trains our learner ``name`` (`learner_name`) for ``chunk`` env steps per call (after
+    a first call that fills the buffer with ``learning_starts`` random steps)."""
+    learner = build(name, learning_starts, chunk)
     while learner.env_steps < learning_starts:
         learner.step()
     return learner.step
@@ -70,19 +85,18 @@ def timed(run: Callable[[], object]) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def update_learner(algorithm: str, learning_starts: int) -> Callable[[], object]:
-    """Our ``algorithm``'s ``gradient_update`` after ``learning_starts`` random steps and 10 updates."""
-    from bilevel.runs.loop import _build, make_config
-
-    config = make_config(algorithm, {"env": ENV, "hidden": HIDDEN, "batch_size": BATCH, "actor_lr": LR,
-                                     "critic_lr": LR, "learning_starts": learning_starts,
-                                     "steps_per_iteration": learning_starts, "eval_episodes": 0, "device": "cpu",
-                                     "buffer_size": 100_000})
-    learner = _build(algorithm, config)
+def update_learner(name: str, learning_starts: int) -> Callable[[], object]:
+    """Our learner ``name``'s ``gradient_update`` after ``learning_starts`` random steps and 10 updates."""
+    learner = build(name, learning_starts, learning_starts)
     learner.step()
     for _ in range(10):
         learner.gradient_update()
     return learner.gradient_update
+
+
+def cycle(name: str) -> int:
+    """Updates in which learner ``name`` repeats itself: TD3's policy delay 2 times the meta interval."""
+    return (2 if name.startswith("td3") else 1) * int(name.partition(" k=")[2] or 1)
 
 
 def mflop_per_update(update: Callable[[], object], updates: int) -> float:
@@ -115,7 +129,10 @@ def main() -> None:
     parser.add_argument("--learning-starts", type=int, default=1000)
     parser.add_argument("--updates", type=int, default=200, help="updates per timed run of gradient_update")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--meta-intervals", type=int, nargs="*", default=[4, 16],
+                        help="also time TD3-MATT and SAC-MATT with the look-ahead on every k-th actor update")
     args = parser.parse_args()
+    intervals = [k for k in args.meta_intervals if k > 1]
     torch.set_num_threads(args.threads)
     import stable_baselines3
 
@@ -129,6 +146,10 @@ def main() -> None:
         "ours td3-matt": ours("td3-matt", args.learning_starts, args.chunk),
         "ours sac-matt": ours("sac-matt", args.learning_starts, args.chunk),
     }
+    for k in intervals:
+        for algorithm in ("td3-matt", "sac-matt"):
+            name = learner_name(algorithm, k)
+            learners[f"ours {name}"] = ours(name, args.learning_starts, args.chunk)
     for run in learners.values():
         run()
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in learners}
@@ -145,17 +166,22 @@ def main() -> None:
     print("|---|---|---|")
     for a, b in (("ours td3", "sb3 td3"), ("ours sac", "sb3 sac")):
         print(f"| {a} / {b} speed | {rate[a][0] / rate[b][0]:.2f} | {rate[a][1] / rate[b][1]:.2f} |")
-    for a, b in (("ours td3-matt", "ours td3"), ("ours sac-matt", "ours sac")):
-        print(f"| {a} / {b} time per env step | {rate[b][0] / rate[a][0]:.2f} | {rate[b][1] / rate[a][1]:.2f} |")
+    for name in rate:
+        if "matt" in name:
+            for base in (name.split("-")[0], f"sb3 {name.split('-')[0].removeprefix('ours ')}"):
+                print(f"| {name} / {base} time per env step | {rate[base][0] / rate[name][0]:.2f} | "
+                      f"{rate[base][1] / rate[name][1]:.2f} |")
 
     print("\n| learner | ms CPU / update | ms wall / update | MFLOP / update | CPU time x base | FLOP x base |")
     print("|---|---:|---:|---:|---:|---:|")
-    algorithms = ("ddpg", "ddpg-matt", "td3", "td3-matt", "sac", "sac-matt")
+    algorithms = ("ddpg", "ddpg-matt", "td3", "td3-matt",
+                  *(learner_name("td3-matt", k) for k in intervals), "sac", "sac-matt",
+                  *(learner_name("sac-matt", k) for k in intervals))
     update_ms = per_update_ms(algorithms, args.learning_starts, args.updates, args.repeats)
-    flops = {algorithm: mflop_per_update(update_learner(algorithm, args.learning_starts),
-                                         2 if algorithm.startswith("td3") else 1) for algorithm in algorithms}
+    flops = {algorithm: mflop_per_update(update_learner(algorithm, args.learning_starts), cycle(algorithm))
+             for algorithm in algorithms}
     for algorithm in algorithms:
-        base = algorithm.removesuffix("-matt")
+        base = algorithm.split("-")[0]
         cpu, wall = update_ms[algorithm]
         print(f"| {algorithm} | {cpu:.2f} | {wall:.2f} | {flops[algorithm]:.0f} | {cpu / update_ms[base][0]:.2f} | "
               f"{flops[algorithm] / flops[base]:.2f} |")
