@@ -30,9 +30,11 @@ __all__ = [
     "hessian_vector_operator",
     "hvp",
     "make_solver",
+    "minres",
     "neumann_series",
     "solve_cg",
     "solve_dense",
+    "solve_minres",
     "solve_neumann",
     "solve_normal_cg",
 ]
@@ -135,6 +137,94 @@ def conjugate_gradient(
     return x, SolveInfo(iterations, torch.sqrt(rs), rs <= threshold_sq)
 
 
+def minres(
+    matvec: MatVec,
+    b: Tree,
+    *,
+    max_iter: int | None = None,
+    tol: float = 1e-10,
+    atol: float = 0.0,
+    damping: float = 0.0,
+) -> tuple[Tree, SolveInfo]:
+    """Solve ``(A + damping I) x = b`` for symmetric ``A``, definite or not, by MINRES.
+
+    Paige & Saunders (1975), as in SciPy's ``minres`` without a preconditioner: Lanczos builds an
+    orthonormal basis ``V_k`` of the Krylov space ``K_k(A, b)`` with ``A V_k = V_{k+1} T_k``
+    (``T_k`` tridiagonal, ``(k + 1) x k``), and ``x_k = V_k y_k`` minimises ``||b - A x||`` over
+    ``K_k``, ``y_k = argmin ||beta_1 e_1 - T_k y||`` by Givens rotations updated one column a step.
+    The residual norm is then non-increasing in ``k`` and equals the rotations' running product
+    ``phibar_k``. CG minimises the ``A``-norm of the error instead, which is a norm only for a
+    positive-definite ``A``: on an indefinite one its iterates are undefined where ``p.A p = 0`` and
+    its residual can grow; MINRES's cannot. One ``matvec`` an iteration, like CG.
+
+    Args:
+        matvec: ``v -> A v`` on trees shaped like ``b``, ``A`` symmetric.
+        b: the right-hand side tree.
+        max_iter: iteration limit; ``None``: twice the number of unknowns plus ten. Under ``vmap``
+            every iteration runs.
+        tol: relative tolerance: stop once ``||r|| <= max(tol * ||b||, atol)``.
+        atol: absolute tolerance.
+        damping: Tikhonov damping added to the operator.
+
+    Returns:
+        ``(x, SolveInfo)``; ``residual_norm`` is ``phibar``, ``||b - (A + damping I) x||`` in exact
+        arithmetic.
+    """
+    _check_common(max_iter, tol, damping)
+    operator = _damped(matvec, damping)
+    limit = 2 * tree.numel(b) + 10 if max_iter is None else max_iter
+    beta1 = tree.norm(b)
+    threshold = torch.clamp(tol * beta1, min=atol)
+    tiny = torch.finfo(beta1.dtype).tiny ** 0.5
+
+    def safe(value: Tensor) -> Tensor:
+        return torch.where(value > tiny, value, torch.ones_like(value))
+
+    zero = torch.zeros_like(beta1)
+    x, w, w2 = tree.zeros_like(b), tree.zeros_like(b), tree.zeros_like(b)
+    r1, r2, y = b, b, b
+    beta, oldb, dbar, epsln, phibar = beta1, zero, zero, zero, beta1
+    cs, sn = -torch.ones_like(beta1), zero
+    iterations = torch.zeros((), dtype=torch.long, device=beta1.device)
+    eager = _outside_transforms()
+
+    for k in range(limit):
+        active = (phibar > threshold) & (beta > tiny)
+        if eager and not bool(active):
+            break
+        v = tree.scale(y, 1 / safe(beta))
+        y_new = operator(v)
+        if k > 0:
+            y_new = tree.axpy(-beta / safe(oldb), r1, y_new)
+        alpha = tree.dot(v, y_new)
+        y_new = tree.axpy(-alpha / safe(beta), r2, y_new)
+        beta_new = tree.norm(y_new)
+        delta = cs * dbar + sn * alpha
+        gbar = sn * dbar - cs * alpha
+        epsln_new = sn * beta_new
+        dbar_new = -cs * beta_new
+        gamma = torch.clamp(torch.sqrt(gbar**2 + beta_new**2), min=tiny)
+        cs_new, sn_new = gbar / gamma, beta_new / gamma
+        phi = cs_new * phibar
+        w_new = tree.scale(tree.sub(tree.sub(v, tree.scale(w2, epsln)), tree.scale(w, delta)), 1 / gamma)
+
+        def keep(new: Any, old: Any, active: Tensor = active) -> Any:
+            if isinstance(new, Tensor):
+                return torch.where(active, new, old)
+            return tree.where(active, new, old)
+
+        x = keep(tree.axpy(phi, w_new, x), x)
+        w2, w = keep(w, w2), keep(w_new, w)
+        r1, r2, y = keep(r2, r1), keep(y_new, r2), keep(y_new, y)
+        oldb, beta = keep(beta, oldb), keep(beta_new, beta)
+        epsln, dbar = keep(epsln_new, epsln), keep(dbar_new, dbar)
+        cs, sn = keep(cs_new, cs), keep(sn_new, sn)
+        phibar = keep(sn_new * phibar, phibar)
+        iterations = iterations + active.long()
+
+    return x, SolveInfo(iterations, phibar, phibar <= threshold)
+
+
 def neumann_series(
     matvec: MatVec,
     b: Tree,
@@ -221,7 +311,7 @@ class LinearSolver:
     """A configured linear solver: ``solver(matvec, b, rmatvec=None) -> (x, SolveInfo)``.
 
     ``matvec`` applies ``A``; ``rmatvec`` applies ``A^T`` and is needed only by
-    ``normal_cg``. Build one with `solve_cg`, `solve_normal_cg`, `solve_neumann`,
+    ``normal_cg``. Build one with `solve_cg`, `solve_minres`, `solve_normal_cg`, `solve_neumann`,
     `solve_dense` or `make_solver`."""
 
     method: str
@@ -233,6 +323,8 @@ class LinearSolver:
     def __call__(self, matvec: MatVec, b: Tree, rmatvec: MatVec | None = None) -> tuple[Tree, SolveInfo]:
         if self.method == "cg":
             return conjugate_gradient(matvec, b, max_iter=self.max_iter, tol=self.tol, damping=self.damping)
+        if self.method == "minres":
+            return minres(matvec, b, max_iter=self.max_iter, tol=self.tol, damping=self.damping)
         if self.method == "normal_cg":
             if rmatvec is None:
                 raise ValueError("the 'normal_cg' solver needs `rmatvec` (v -> A^T v)")
@@ -286,6 +378,13 @@ def solve_cg(max_iter: int | None = None, tol: float = 1e-10, damping: float = 0
     return LinearSolver("cg", max_iter=max_iter, tol=tol, damping=damping)
 
 
+def solve_minres(max_iter: int | None = None, tol: float = 1e-10, damping: float = 0.0) -> LinearSolver:
+    """MINRES (see `minres`): for symmetric systems, definite or not (the Hessian of a non-convex
+    inner objective), with a residual that never grows."""
+    _check_common(max_iter, tol, damping)
+    return LinearSolver("minres", max_iter=max_iter, tol=tol, damping=damping)
+
+
 def solve_normal_cg(max_iter: int | None = None, tol: float = 1e-10, damping: float = 0.0) -> LinearSolver:
     """Conjugate gradient on the normal equations: any non-singular system, at the
     price of squaring its condition number."""
@@ -311,6 +410,7 @@ def solve_dense(damping: float = 0.0) -> LinearSolver:
 
 _FACTORIES: dict[str, Callable[..., LinearSolver]] = {
     "cg": solve_cg,
+    "minres": solve_minres,
     "normal_cg": solve_normal_cg,
     "neumann": solve_neumann,
     "dense": solve_dense,
@@ -318,7 +418,7 @@ _FACTORIES: dict[str, Callable[..., LinearSolver]] = {
 
 
 def make_solver(solve: str | LinearSolver | Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
-    """Resolve a solver given by name (``"cg"``, ``"normal_cg"``, ``"neumann"``,
+    """Resolve a solver given by name (``"cg"``, ``"minres"``, ``"normal_cg"``, ``"neumann"``,
     ``"dense"``, with ``kwargs`` for its factory), a `LinearSolver`, or any
     callable of the same signature."""
     if isinstance(solve, str):
