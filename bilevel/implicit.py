@@ -33,7 +33,7 @@ from bilevel import tree
 from bilevel.linalg import LinearSolver, SolveInfo, make_solver
 from bilevel.tree import Tree
 
-__all__ = ["ImplicitDiagnostics", "LinearSolveWarning", "implicit_root"]
+__all__ = ["ImplicitDiagnostics", "LinearSolveWarning", "implicit_root", "implicit_vjp"]
 
 
 class LinearSolveWarning(RuntimeWarning):
@@ -45,11 +45,14 @@ class ImplicitDiagnostics:
     """The last linear solve of a decorated solver's backward pass, as floats.
 
     Written by every backward pass that runs outside ``vmap`` (inside ``vmap``
-    the values are batched and are not recorded); ``calls`` counts those passes."""
+    the values are batched and are not recorded: `implicit_vjp` returns them
+    as tensors instead); ``calls`` counts those passes. ``relative_residual`` is
+    ``residual_norm / ||v||``, ``v`` the cotangent (the right-hand side)."""
 
     iterations: int | None = None
     residual_norm: float | None = None
     converged: bool | None = None
+    relative_residual: float | None = None
     calls: int = 0
 
 
@@ -61,14 +64,15 @@ def _unwrap(x: Tensor) -> Tensor:
     return x
 
 
-def _record(diagnostics: ImplicitDiagnostics, info: SolveInfo, name: str) -> None:
+def _record(diagnostics: ImplicitDiagnostics, info: SolveInfo, rhs_norm: Tensor, name: str) -> None:
     try:
-        iterations, residual, converged = (_unwrap(t) for t in info)
+        iterations, residual, converged, rhs_norm = (_unwrap(t) for t in (*info, rhs_norm))
     except RuntimeError:
         return
     diagnostics.iterations = int(iterations)
     diagnostics.residual_norm = float(residual)
     diagnostics.converged = bool(converged)
+    diagnostics.relative_residual = float(residual / rhs_norm) if float(rhs_norm) > 0 else 0.0
     diagnostics.calls += 1
     if not diagnostics.converged:
         warnings.warn(
@@ -78,6 +82,45 @@ def _record(diagnostics: ImplicitDiagnostics, info: SolveInfo, name: str) -> Non
             LinearSolveWarning,
             stacklevel=4,
         )
+
+
+def implicit_vjp(
+    optimality_fn: Callable[..., Tree],
+    solution: Tree,
+    meta_args: tuple[Tree, ...],
+    cotangent: Tree,
+    *,
+    solve: str | LinearSolver | Callable[..., Any] = "cg",
+    **solve_options: Any,
+) -> tuple[tuple[Tree, ...], SolveInfo]:
+    """The implicit backward pass as a pure function: ``v^T dx*/dtheta`` at a root ``x*`` of ``F``.
+
+    With ``F = optimality_fn(x, *meta_args)`` zero at ``x = solution`` and ``v = cotangent``:
+
+        solve  (dF/dx)^T u = -v          (``u`` shaped like ``x``; products by vjp, no matrix formed)
+        return u^T dF/dtheta_j            for every meta argument ``theta_j``, and the solve's `SolveInfo`
+
+    Unlike a decorated solver's ``diagnostics`` (`implicit_root`), the `SolveInfo` is returned, so under
+    ``vmap`` (one batched solve over tasks) it comes back batched: ``[N]`` iterations, residual norms
+    (``||v + (dF/dx)^T u||``) and flags. Every meta argument is a tree of tensors and gets a cotangent;
+    close over constants in ``optimality_fn``. ``solve`` and ``solve_options`` as in `implicit_root`.
+
+    Returns:
+        ``(cotangents, info)``: a tuple of trees shaped like ``meta_args``, and the `SolveInfo`.
+    """
+    linear_solver = make_solver(solve, **solve_options)
+
+    def residual_in_solution(x: Tree) -> Tree:
+        return optimality_fn(x, *meta_args)
+
+    _, vjp_solution = torch.func.vjp(residual_in_solution, solution)
+
+    def rmatvec(v: Tree) -> Tree:
+        return torch.func.jvp(residual_in_solution, (solution,), (v,))[1]
+
+    u, info = linear_solver(lambda w: vjp_solution(w)[0], tree.scale(cotangent, -1.0), rmatvec=rmatvec)
+    _, vjp_meta = torch.func.vjp(lambda *m: optimality_fn(solution, *m), *meta_args)
+    return tuple(vjp_meta(u)), info
 
 
 class _ImplicitRoot(torch.autograd.Function):
@@ -101,21 +144,10 @@ class _ImplicitRoot(torch.autograd.Function):
         meta_leaves = leaves[problem.num_solution_leaves :]
         cotangent = problem.solution_tree(solution_cotangent)
 
-        def residual_in_solution(x: Tree) -> Tree:
-            return problem.optimality(x, meta_leaves)
-
-        _, vjp_solution = torch.func.vjp(residual_in_solution, solution)
-
-        def rmatvec(v: Tree) -> Tree:
-            return torch.func.jvp(residual_in_solution, (solution,), (v,))[1]
-
-        u, info = problem.linear_solver(
-            lambda w: vjp_solution(w)[0], tree.scale(cotangent, -1.0), rmatvec=rmatvec
+        meta_cotangent, info = implicit_vjp(
+            lambda x, *m: problem.optimality(x, m), solution, meta_leaves, cotangent, solve=problem.linear_solver
         )
-        _record(problem.diagnostics, info, problem.name)
-
-        _, vjp_meta = torch.func.vjp(lambda *m: problem.optimality(solution, m), *meta_leaves)
-        meta_cotangent = vjp_meta(u)
+        _record(problem.diagnostics, info, tree.norm(cotangent), problem.name)
         return (None,) + (None,) * problem.num_solution_leaves + tuple(meta_cotangent)
 
 
@@ -163,7 +195,8 @@ def implicit_root(
             the gradient of the inner objective). ``solution`` and every meta
             argument may be a tree; non-tensor meta arguments are constants.
         solve: the linear solver of ``(dF/dx)^T u = -v``: ``"cg"`` (``dF/dx``
-            symmetric positive definite), ``"normal_cg"`` (any non-singular),
+            symmetric positive definite), ``"minres"`` (symmetric, definite or not:
+            the Hessian of a non-convex inner objective), ``"normal_cg"`` (any non-singular),
             ``"neumann"``, ``"dense"``, a `bilevel.linalg.LinearSolver`, or a callable
             ``(matvec, b, rmatvec=None) -> (u, SolveInfo)``.
         **solve_options: options of the named solver (``max_iter``, ``tol``,
