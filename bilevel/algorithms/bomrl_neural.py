@@ -40,9 +40,17 @@ it is not taken (Adam: the adaptation stops there and returns its best iterate; 
 search shortens the step). At a solution on the boundary the optimality condition is not ``g = 0``, so
 `BOMRLNeural.step` logs the optimality residual and the fraction of tasks stopped by the region.
 
-The solution is differentiated by `bilevel.implicit_root` on the
-optimality condition ``F(theta, phi) = grad_theta [lambda D(phi, theta) - J^(theta)] = 0``: conjugate
-gradient on the Hessian of the regularised objective, damped, with diagnostics. As in the
+The solution is differentiated by the implicit function theorem (`bilevel.implicit_vjp`, the backward
+pass of `bilevel.implicit_root`) on the optimality condition ``F(theta, phi) = grad_theta [lambda D(phi,
+theta) - J^(theta)] = 0``: a linear solve on the Hessian of the regularised objective, damped, with
+diagnostics, for all tasks in one vmap (`hypergradients`). The Hessian need not be positive definite at
+the adapted parameters (Adam stops near, not at, a maximiser, and the importance-weighted bound has
+curvature of either sign): on HalfCheetah-dir batches Lanczos finds eigenvalues down to about -0.03
+against a largest of about 20, so with the default damping 1e-2 the system is indefinite and nearly
+singular and no 10-iteration solve meets a 1e-2 relative residual (docs/reproductions/bomrl-halfcheetah.md).
+``implicit_solver`` picks conjugate gradient (the authors'), MINRES (the same system; over the same Krylov
+space its residual is the least, so never above CG's, and it is defined for indefinite matrices) or CG on
+the normal equations. As in the
 paper's hypergradient, the data ``D_i`` (states, actions, advantages, ``log pi_phi`` at
 collection) are constants: ``phi`` enters the optimality condition only through ``D``. The
 right-hand side ``grad_theta J_i(theta*_i)`` is the policy gradient on ``D'_i``. The outer step is
@@ -58,7 +66,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -71,8 +78,9 @@ from torch.func import vmap
 from bilevel import tree
 from bilevel.algorithms.maml_trpo import SEED_PURPOSES
 from bilevel.envs import make_family
-from bilevel.implicit import ImplicitDiagnostics, LinearSolveWarning, implicit_root
+from bilevel.implicit import implicit_root, implicit_vjp
 from bilevel.inner import adam, known_all_false, newton_cg, unroll
+from bilevel.linalg import SolveInfo
 from bilevel.nets import GaussianMLPPolicy, gaussian_kl
 from bilevel.rl import importance_weighted_loss, masked_mean, reinforce_loss
 from bilevel.rl.meta_batches import (
@@ -95,6 +103,7 @@ from bilevel.trpo import TRPOSettings, trpo_step
 __all__ = [
     "ADAPT_SOLVERS",
     "DISTANCES",
+    "IMPLICIT_SOLVERS",
     "Adaptation",
     "AdaptationBatch",
     "BOMRLNeural",
@@ -104,6 +113,7 @@ __all__ = [
     "adaptation_loss",
     "adaptation_residual",
     "distance",
+    "hypergradients",
     "implicit_adaptation",
     "lower_bound_gain",
     "meta_kl",
@@ -114,6 +124,7 @@ __all__ = [
 
 DISTANCES = ("D1", "D2", "D3")
 ADAPT_SOLVERS = ("adam", "newton")
+IMPLICIT_SOLVERS = ("cg", "minres", "normal_cg")
 
 
 class AdaptationBatch(NamedTuple):
@@ -260,14 +271,16 @@ def implicit_adaptation(
     batch: AdaptationBatch,
     adaptation: Adaptation,
     solver: Callable[[Tree, Tree, AdaptationBatch, Adaptation], Tree] = solve_adaptation,
+    solve: str = "cg",
     **solve_options: Any,
 ) -> Callable[[Tree], Tree]:
     """``phi -> theta*(phi)`` for one task: ``solver(phi, phi, batch, adaptation)`` (`solve_adaptation`
-    by default, any solver of `adaptation_loss`), differentiable in ``phi`` by `implicit_root` (CG with
-    ``solve_options``: ``max_iter``, ``tol``, ``damping``) on `adaptation_residual`. The returned
-    function's ``diagnostics`` hold the last backward pass's solve."""
+    by default, any solver of `adaptation_loss`), differentiable in ``phi`` by `implicit_root` (the linear
+    solver ``solve``, one of `IMPLICIT_SOLVERS`, with ``solve_options``: ``max_iter``, ``tol``,
+    ``damping``) on `adaptation_residual`. The returned function's ``diagnostics`` hold the last backward
+    pass's solve. For a meta-batch, `adapt_tasks` and `hypergradients` do the same work in one vmap."""
     residual = functools.partial(adaptation_residual, batch=batch, adaptation=adaptation)
-    decorated = implicit_root(residual, solve="cg", **solve_options)(
+    decorated = implicit_root(residual, solve=solve, **solve_options)(
         functools.partial(solver, batch=batch, adaptation=adaptation)
     )
 
@@ -283,6 +296,47 @@ def adapt_tasks(meta_params: Tree, batches: AdaptationBatch, adaptation: Adaptat
     vmap, without a hypergradient: a tree with a leading ``[N]``."""
     solve = functools.partial(solve_adaptation, adaptation=adaptation)
     return vmap(solve, in_dims=(None, None, 0))(meta_params, meta_params, batches)
+
+
+def hypergradients(
+    meta_params: Tree,
+    adapted_params: Tree,
+    batches: AdaptationBatch,
+    cotangents: Tree,
+    adaptation: Adaptation,
+    solve: str = "cg",
+    **solve_options: Any,
+) -> tuple[Tree, SolveInfo]:
+    """Every task's hypergradient ``(d theta*_i / d phi)^T v_i`` in one vmap over tasks: per task,
+    `implicit_vjp` on the optimality condition `adaptation_residual` at ``theta*_i``,
+
+        (H_i + mu I) u_i = -v_i,   H_i = d^2 L_i / d theta^2 (theta*_i)   (symmetric: dF/dtheta = H_i)
+        h_i = u_i^T d^2 L_i / d phi d theta (theta*_i)
+
+    with ``L_i`` = `adaptation_loss`, the linear solver ``solve`` (`IMPLICIT_SOLVERS`) and its
+    ``solve_options`` (``max_iter``, ``tol``, ``damping`` = ``mu``). The pullback of
+    `implicit_adaptation` for each task, without the Python loop over tasks.
+
+    Args:
+        meta_params: ``phi``, shared by all tasks.
+        adapted_params: ``theta*_i``, a tree with a leading ``[N]``.
+        batches: the tasks' `AdaptationBatch`, ``[N, ...]``.
+        cotangents: ``v_i``, a tree like ``adapted_params`` (``[N]``-leading).
+        adaptation: the within-task algorithm (its loss; its solver is not run here).
+
+    Returns:
+        ``(h, info)``: ``h`` a tree like ``adapted_params`` (``[N]``-leading) and the solves' `SolveInfo`
+        with ``[N]`` entries (residual norm ``||v_i + (H_i + mu I) u_i||``).
+    """
+    if solve not in IMPLICIT_SOLVERS:
+        raise ValueError(f"unknown implicit `solve` {solve!r}; choose one of {list(IMPLICIT_SOLVERS)}")
+
+    def task(theta: Tree, batch: AdaptationBatch, cotangent: Tree) -> tuple[Tree, SolveInfo]:
+        residual = functools.partial(adaptation_residual, batch=batch, adaptation=adaptation)
+        (grad,), info = implicit_vjp(residual, theta, (meta_params,), cotangent, solve=solve, **solve_options)
+        return grad, info
+
+    return vmap(task)(tree.detach(adapted_params), batches, cotangents)
 
 
 def policy_gradient(policy: nn.Module, adapted_params: Tree, fresh: TaskData) -> Tree:
@@ -339,8 +393,11 @@ class BOMRLNeuralConfig(PolicyGradientSettings, TRPOSettings, RunConfig):
     """> 0: a trust region D(phi, theta) <= this value on the adaptation's steps; 0: none."""
     adapt_cg_iters: int = 10
     """newton: CG iterations per Newton step."""
+    implicit_solver: str = "cg"
+    """The hypergradient's linear solver: cg (the authors'), minres (MINRES: the least residual over the
+    same Krylov space, for an indefinite Hessian) or normal_cg (CG on the normal equations)."""
     implicit_cg_iters: int = 10
-    """Conjugate-gradient iterations of the hypergradient's linear solve (the authors: 10)."""
+    """Iterations of the hypergradient's linear solve (the authors: 10 CG iterations)."""
     implicit_damping: float = 1e-2
     """Damping added to the Hessian of the regularised objective in that solve."""
     implicit_tol: float = 1e-2
@@ -352,6 +409,10 @@ class BOMRLNeuralConfig(PolicyGradientSettings, TRPOSettings, RunConfig):
             raise ValueError(f"unknown `distance` {self.distance!r}; choose one of {list(DISTANCES)}")
         if self.adapt_solver not in ADAPT_SOLVERS:
             raise ValueError(f"unknown `adapt_solver` {self.adapt_solver!r}; choose one of {list(ADAPT_SOLVERS)}")
+        if self.implicit_solver not in IMPLICIT_SOLVERS:
+            raise ValueError(
+                f"unknown `implicit_solver` {self.implicit_solver!r}; choose one of {list(IMPLICIT_SOLVERS)}"
+            )
         if not 0 <= self.adapt_clip < 1:
             raise ValueError(f"`adapt_clip` must lie in [0, 1); got {self.adapt_clip}")
         positive = (
@@ -372,11 +433,17 @@ class BOMRLNeuralConfig(PolicyGradientSettings, TRPOSettings, RunConfig):
                 raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
 
 
-def _mean_diagnostics(records: list[ImplicitDiagnostics]) -> dict[str, float]:
+def _solve_metrics(info: SolveInfo, cotangents: Tree) -> dict[str, float]:
+    """Over tasks: the hypergradient solves' iterations, absolute residual ``||v_i + (H_i + mu I) u_i||``,
+    fraction converged (means), and the relative residual (absolute over ``||v_i||``, mean and max)."""
+    rhs_norms = vmap(tree.norm)(cotangents)
+    relative = info.residual_norm / rhs_norms.clamp_min(torch.finfo(rhs_norms.dtype).tiny)
     return {
-        "implicit_cg_iterations": float(np.mean([r.iterations for r in records])),
-        "implicit_cg_residual": float(np.mean([r.residual_norm for r in records])),
-        "implicit_cg_converged": float(np.mean([r.converged for r in records])),
+        "implicit_cg_iterations": float(info.iterations.double().mean()),
+        "implicit_cg_residual": float(info.residual_norm.mean()),
+        "implicit_cg_converged": float(info.converged.double().mean()),
+        "implicit_residual_relative": float(relative.mean()),
+        "implicit_residual_relative_max": float(relative.max()),
     }
 
 
@@ -428,8 +495,10 @@ class BOMRLNeural(Learner):
         return derive_seed(self.config.seed, self.iteration, SEED_PURPOSES[purpose])
 
     def step(self) -> dict[str, float]:
-        """One meta-iteration (module docstring). An unconverged hypergradient solve does not warn
-        here: ``implicit_cg_converged`` (the fraction of tasks) and ``implicit_cg_residual`` record it."""
+        """One meta-iteration (module docstring), batched over tasks: the adaptation (`adapt_tasks`) and
+        the hypergradient (`hypergradients`) are one vmap each. An unconverged hypergradient solve does not
+        warn: ``implicit_cg_converged`` (the fraction of tasks), ``implicit_cg_residual`` and
+        ``implicit_residual_relative`` record it."""
         config = self.config
         tasks = self.family.sample_tasks(config.meta_batch_size, np.random.default_rng(self._seed("tasks")))
         generator = torch.Generator(self.device).manual_seed(self._seed("actions"))
@@ -447,21 +516,7 @@ class BOMRLNeural(Learner):
         train = task_data(train_episodes, config.gamma, config.gae_lambda)
         batches = adaptation_batches(self.policy, meta_params, train)
 
-        adapted, pullbacks, solvers = [], [], []
-        for task in range(len(tasks)):
-            batch = AdaptationBatch(*(field[task] for field in batches))
-            solver = implicit_adaptation(
-                batch,
-                adaptation,
-                max_iter=config.implicit_cg_iters,
-                tol=config.implicit_tol,
-                damping=config.implicit_damping,
-            )
-            theta, pullback = torch.func.vjp(solver, meta_params)
-            adapted.append(tree.detach(theta))
-            pullbacks.append(pullback)
-            solvers.append(solver)
-        adapted_params = tree.map(lambda *leaves: torch.stack(leaves), *adapted)
+        adapted_params = adapt_tasks(meta_params, batches, adaptation)
 
         fresh_episodes = self.sampler(
             tasks,
@@ -473,12 +528,18 @@ class BOMRLNeural(Learner):
         )
         fresh = task_data(fresh_episodes, config.gamma, config.gae_lambda)
         cotangents = policy_gradient(self.policy, adapted_params, fresh)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", LinearSolveWarning)
-            per_task = [
-                pullback(tree.map(lambda leaf, i=i: leaf[i], cotangents))[0] for i, pullback in enumerate(pullbacks)
-            ]
-        hypergradient = tree.scale(tree.map(lambda *leaves: torch.stack(leaves).sum(0), *per_task), 1 / len(tasks))
+        per_task, solves = hypergradients(
+            meta_params,
+            adapted_params,
+            batches,
+            cotangents,
+            adaptation,
+            solve=config.implicit_solver,
+            max_iter=config.implicit_cg_iters,
+            tol=config.implicit_tol,
+            damping=config.implicit_damping,
+        )
+        hypergradient = tree.map(lambda leaf: leaf.mean(0), per_task)
 
         def linear_loss(params: Tree) -> Tensor:
             return tree.dot(hypergradient, tree.sub(params, meta_params))
@@ -498,7 +559,7 @@ class BOMRLNeural(Learner):
             "return_after": return_after,
             "hypergradient_norm": float(tree.norm(hypergradient)),
             **self._adaptation_metrics(meta_params, adapted_params, batches, adaptation),
-            **_mean_diagnostics([solver.diagnostics for solver in solvers]),
+            **_solve_metrics(solves, cotangents),
             **info.metrics(),
         }
 

@@ -4,6 +4,7 @@ the adaptation's ascent, and runs from the CLI with resume."""
 import functools
 import itertools
 import json
+import warnings
 
 import pytest
 import torch
@@ -11,17 +12,20 @@ from torch.func import vmap
 
 from bilevel import cli, tree
 from bilevel.algorithms.bomrl_neural import (
+    IMPLICIT_SOLVERS,
     Adaptation,
     AdaptationBatch,
     adapt_tasks,
     adaptation_loss,
     adaptation_residual,
     distance,
+    hypergradients,
     implicit_adaptation,
     lower_bound_gain,
     soft_clip,
     solve_adaptation,
 )
+from bilevel.implicit import LinearSolveWarning
 from bilevel.nets import GaussianMLPPolicy
 from bilevel.rl import importance_weighted_loss
 from bilevel.rl.meta_batches import action_distribution
@@ -172,6 +176,33 @@ def test_batched_adaptation_equals_the_implicit_forward_per_task():
             torch.testing.assert_close(batched[name][task], looped[name], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("solve", IMPLICIT_SOLVERS)
+def test_vmapped_hypergradients_equal_the_per_task_pullbacks(solve):
+    """`hypergradients` (one vmap over tasks) against `implicit_adaptation`'s pullback task by task, the
+    path the training step took before: the same numbers to rounding, solves cut short (4 iterations,
+    unconverged) included, and the same residuals."""
+    policy, phi = linear_policy()
+    generator = torch.Generator().manual_seed(4)
+    batches = [synthetic_batch(policy, phi, generator) for _ in range(3)]
+    adaptation = Adaptation(policy, "D1", 0.5, 1e-2, steps=20, clip=0.2)
+    stacked = AdaptationBatch(*(torch.stack(fields) for fields in zip(*batches, strict=True)))
+    adapted = adapt_tasks(phi, stacked, adaptation)
+    cotangents = tree.map(lambda leaf: torch.randn(leaf.shape, generator=generator, dtype=DTYPE), adapted)
+    options = {"max_iter": 4, "tol": 1e-12, "damping": 1e-2}
+    batched, info = hypergradients(phi, adapted, stacked, cotangents, adaptation, solve=solve, **options)
+    for task, batch in enumerate(batches):
+        solver = implicit_adaptation(batch, adaptation, solve=solve, **options)
+        theta, pullback = torch.func.vjp(solver, phi)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LinearSolveWarning)
+            (looped,) = pullback(tree.map(lambda leaf, task=task: leaf[task], cotangents))
+        for name in phi:
+            torch.testing.assert_close(theta[name], adapted[name][task], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(batched[name][task], looped[name], rtol=1e-10, atol=1e-12)
+        assert float(info.residual_norm[task]) == pytest.approx(solver.diagnostics.residual_norm, rel=1e-10)
+        assert not bool(info.converged[task])
+
+
 def test_newton_adaptation_reaches_a_stationary_point_and_never_lowers_the_objective():
     """Newton-CG (CG exact on the 8 unknowns) drives the optimality residual from ~1e-1 to below 1e-10,
     where 100 Adam steps leave it above 1e-4; every prefix of its iterations has a lower loss."""
@@ -266,6 +297,7 @@ def test_cli_train_resume_equals_straight_run_and_eval(tmp_path):
         "adaptation_gain",
         "implicit_cg_residual",
         "implicit_cg_converged",
+        "implicit_residual_relative",
         "trpo_kl",
         "trpo_accepted",
     }
@@ -290,6 +322,7 @@ def test_cli_train_resume_equals_straight_run_and_eval(tmp_path):
         ({"adapt_clip": 1.5}, "adapt_clip"),
         ({"adapt_max_distance": -1.0}, "adapt_max_distance"),
         ({"implicit_damping": -1.0}, "implicit_damping"),
+        ({"implicit_solver": "gmres"}, "gmres"),
         ({"env": "frozenlake-hole"}, "frozenlake-hole"),
     ],
 )
