@@ -188,7 +188,10 @@ def lower_bound_gain(params: Tree, batch: AdaptationBatch, policy: nn.Module, cl
     lower bound (a looser one), and it is ``<= (1 + eps) mean_valid[max(A, 0)]``, so the regularised
     objective is bounded above and every ``theta`` that improves on ``phi`` (objective 0, standardised
     ``A`` has mean 0) has ``lambda D(phi, theta) <= (1 + eps) mean_valid[max(A, 0)]``: no runaway."""
-    log_probs = action_distribution(policy, params, batch.obs).log_prob(batch.actions)
+    return _gain(action_distribution(policy, params, batch.obs).log_prob(batch.actions), batch, clip)
+
+
+def _gain(log_probs: Tensor, batch: AdaptationBatch, clip: float) -> Tensor:
     if clip == 0:
         return -importance_weighted_loss(log_probs, batch.log_probs, batch.advantages, batch.weights)
     ratios = torch.exp(log_probs - batch.log_probs)
@@ -199,10 +202,16 @@ def distance(params: Tree, meta_params: Tree, batch: AdaptationBatch, policy: nn
     """``D(phi, theta)`` on one task's batch states: D1 ``mean KL(pi_phi || pi_theta)``, D2
     ``mean KL(pi_theta || pi_phi)``, D3 ``||theta - phi||^2``; scalar."""
     if kind == "D3":
+        return _distance(params, meta_params, None, None, batch, kind)
+    meta = action_distribution(policy, meta_params, batch.obs)
+    return _distance(params, meta_params, action_distribution(policy, params, batch.obs), meta, batch, kind)
+
+
+def _distance(params: Tree, meta_params: Tree, adapted: Any, meta: Any, batch: AdaptationBatch, kind: str) -> Tensor:
+    """`distance` from the two policies' distributions on the batch states (unused for D3)."""
+    if kind == "D3":
         gap = tree.sub(params, meta_params)
         return tree.dot(gap, gap)
-    meta = action_distribution(policy, meta_params, batch.obs)
-    adapted = action_distribution(policy, params, batch.obs)
     if kind == "D1":
         kl = gaussian_kl(meta.mean, meta.log_std, adapted.mean, adapted.log_std)
     else:
@@ -212,9 +221,26 @@ def distance(params: Tree, meta_params: Tree, batch: AdaptationBatch, policy: nn
 
 def adaptation_loss(params: Tree, meta_params: Tree, batch: AdaptationBatch, adaptation: Adaptation) -> Tensor:
     """``lambda D(phi, theta) - (J^(theta) - J(phi))``, the negated regularised lower bound the
-    adaptation minimises over ``theta = params``; scalar."""
-    gain = lower_bound_gain(params, batch, adaptation.policy, adaptation.clip)
-    return adaptation.lam * distance(params, meta_params, batch, adaptation.policy, adaptation.distance) - gain
+    adaptation minimises over ``theta = params``; scalar. One forward pass of each policy on the batch
+    states serves both terms."""
+    return _adaptation_loss(params, meta_params, _meta_distribution(meta_params, batch, adaptation), batch, adaptation)
+
+
+def _meta_distribution(meta_params: Tree, batch: AdaptationBatch, adaptation: Adaptation) -> Any:
+    """``pi_phi(.|s)`` on the batch states, which D1 and D2 read; ``None`` for D3."""
+    if adaptation.distance == "D3":
+        return None
+    return action_distribution(adaptation.policy, meta_params, batch.obs)
+
+
+def _adaptation_loss(
+    params: Tree, meta_params: Tree, meta: Any, batch: AdaptationBatch, adaptation: Adaptation
+) -> Tensor:
+    """`adaptation_loss` given ``meta`` = `_meta_distribution`: a solver, to which ``phi`` is a constant,
+    computes it once rather than at every step."""
+    adapted = action_distribution(adaptation.policy, params, batch.obs)
+    gain = _gain(adapted.log_prob(batch.actions), batch, adaptation.clip)
+    return adaptation.lam * _distance(params, meta_params, adapted, meta, batch, adaptation.distance) - gain
 
 
 adaptation_residual = torch.func.grad(adaptation_loss)
@@ -226,7 +252,8 @@ def solve_adaptation(init: Tree, meta_params: Tree, batch: AdaptationBatch, adap
     docstring); vmap-able over tasks (the stopping rules are masks, not branches)."""
     if adaptation.solver not in ADAPT_SOLVERS:
         raise ValueError(f"unknown adaptation `solver` {adaptation.solver!r}; choose one of {list(ADAPT_SOLVERS)}")
-    loss = functools.partial(adaptation_loss, meta_params=meta_params, batch=batch, adaptation=adaptation)
+    meta = _meta_distribution(meta_params, batch, adaptation)
+    loss = functools.partial(_adaptation_loss, meta_params=meta_params, meta=meta, batch=batch, adaptation=adaptation)
     if adaptation.solver == "newton":
         feasible = None if math.isinf(adaptation.max_distance) else functools.partial(
             _inside, meta_params=meta_params, batch=batch, adaptation=adaptation)
