@@ -4,7 +4,8 @@
 # 20 000 env steps (default 60 = 1.2 M), then the held-out evaluation of each run (10 velocities x 10
 # episodes, evaluation seeds 0 and 1, kept as eval-ITER-seedK.json). Resumable: run it again
 # (nohup docs/reproductions/bomrl-halfcheetah-vel-seeds.sh >> runs/cheetah-vel3/queue.log 2>&1 &);
-# ITER=N continues every run to N. The package is copied to runs/cheetah-vel3/code at start.
+# ITER=N continues every run to N. The committed package (git HEAD) is copied to runs/cheetah-vel3/code at
+# start, so uncommitted edits and later commits do not reach the runs.
 set -u
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 ITER=${ITER:-60}
@@ -12,7 +13,8 @@ SEEDS=${SEEDS:-0 1 2}
 ROOT=runs/cheetah-vel3
 SNAP=$ROOT/code
 mkdir -p "$ROOT"
-rm -rf "$SNAP.new" && mkdir -p "$SNAP.new" && cp -r bilevel "$SNAP.new/" && rm -rf "$SNAP" && mv "$SNAP.new" "$SNAP"
+rm -rf "$SNAP.new" && mkdir -p "$SNAP.new" && git archive HEAD bilevel | tar -x -C "$SNAP.new" && rm -rf "$SNAP" && mv "$SNAP.new" "$SNAP"
+echo "$(date -u +%FT%TZ) code: $(git rev-parse --short HEAD)"
 export PYTHONPATH=$PWD/$SNAP OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 COMMON=(--env halfcheetah-vel --meta-batch-size 10 --episodes-per-task 5 --checkpoint-every 5 --device cpu --no-progress)
 declare -A EXTRA=([maml-trpo]="" [bomrl-neural]="--lam 0.5 --adapt-clip 0.2 --adapt-steps 100")
