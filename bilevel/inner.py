@@ -5,7 +5,10 @@ stationary point.
 number of steps with any TorchOpt ``GradientTransformation`` (Finn et al. 2017,
 eq. 1, for SGD). The gradient is taken with ``torch.func.grad`` so the loop
 composes with an outer ``torch.func.grad``, ``vmap`` (one batched computation
-over tasks) and with plain ``torch.autograd``.
+over tasks) and with plain ``torch.autograd``; ``gradient="autograd"`` takes it
+with ``torch.autograd.grad(create_graph=True)`` instead, for a caller outside any
+``torch.func`` transform that differentiates the result with ``torch.autograd``
+(the same numbers, less dispatch per operation on small networks).
 
 ``newton_cg`` minimises a loss to ``||grad L|| <= tol``: the solution an implicit
 hypergradient (`bilevel.implicit_root`) differentiates, where an unrolled loop stops
@@ -38,6 +41,7 @@ def unroll(
     steps: int,
     *,
     first_order: bool = False,
+    gradient: str = "func",
 ) -> Tree:
     """Adapt ``params`` by ``steps`` optimiser steps on ``inner_loss``.
 
@@ -51,6 +55,11 @@ def unroll(
         first_order: treat each inner gradient as a constant (first-order MAML):
             ``d theta_K / d theta_0 = I`` for SGD and no gradient flows through the
             inner gradients to the meta-parameters that the loss closes over.
+        gradient: ``"func"`` (``torch.func.grad``: composes with ``vmap``, ``grad``,
+            ``jvp``) or ``"autograd"`` (``torch.autograd.grad`` on the tape, with
+            ``create_graph`` unless ``first_order``; only outside ``torch.func``
+            transforms). Leaves of ``params`` that do not require grad are
+            differentiated as fresh leaves, so their steps are constants in them.
 
     Returns:
         ``theta_K``, a tree like ``params``, differentiable with respect to
@@ -67,7 +76,15 @@ def unroll(
         raise TypeError(
             f"`optimizer` must be a TorchOpt GradientTransformation; got {type(optimizer).__name__}"
         )
-    grad_fn = torch.func.grad(scalar_valued(inner_loss, "inner_loss"))
+    if gradient not in ("func", "autograd"):
+        raise ValueError(f"`gradient` must be 'func' or 'autograd'; got {gradient!r}")
+    loss = scalar_valued(inner_loss, "inner_loss")
+    if gradient == "autograd":
+        if _functorch.maybe_current_level() is not None:
+            raise RuntimeError("`gradient='autograd'` cannot run inside a torch.func transform; use 'func'")
+        grad_fn = _tape_gradient(loss, create_graph=not first_order)
+    else:
+        grad_fn = torch.func.grad(loss)
     state = None
     for _ in range(steps):
         grads = grad_fn(params)
@@ -78,6 +95,20 @@ def unroll(
         updates, state = optimizer.update(grads, state, params=params, inplace=False)
         params = torchopt.apply_updates(params, updates, inplace=False)
     return params
+
+
+def _tape_gradient(loss: Callable[[Tree], Tensor], *, create_graph: bool) -> Callable[[Tree], Tree]:
+    """``params -> grad loss(params)`` by ``torch.autograd.grad``, every leaf a tensor it can differentiate
+    (leaves that do not require grad are detached copies); a leaf ``loss`` does not read gets zeros."""
+
+    def grad_fn(params: Tree) -> Tree:
+        with torch.enable_grad():
+            inputs = tree.map(lambda leaf: leaf if leaf.requires_grad else leaf.detach().requires_grad_(), params)
+            flat = tree.leaves(inputs)
+            grads = iter(torch.autograd.grad(loss(inputs), flat, create_graph=create_graph, materialize_grads=True))
+            return tree.map(lambda _: next(grads), inputs)
+
+    return grad_fn
 
 
 def meta_sgd(lrs: float | Tensor | Tree) -> GradientTransformation:

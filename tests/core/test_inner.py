@@ -84,6 +84,37 @@ def test_autograd_and_func_grad_agree():
     torch.testing.assert_close(b_leaf.grad, grad_b, rtol=1e-12, atol=1e-14)
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31), dim=st.integers(1, 5), steps=st.integers(0, 5), first_order=st.booleans(),
+       optimizer=st.sampled_from(["sgd", "adam", "meta_sgd"]))
+def test_autograd_gradient_equals_func_gradient(seed, dim, steps, first_order, optimizer):
+    """`unroll(gradient="autograd")`: the same adapted parameters and the same meta-gradient, in the start
+    point and in the meta-parameters the loss closes over, as the ``torch.func.grad`` path."""
+    curvature, x0, b, target = quadratic_problem(seed, dim)
+    make = {"sgd": lambda: torchopt.sgd(0.1), "adam": lambda: adam(0.05), "meta_sgd": lambda: meta_sgd(0.1)}[optimizer]
+    results = []
+    for gradient in ("func", "autograd"):
+        x0_leaf, b_leaf = x0.clone().requires_grad_(), b.clone().requires_grad_()
+        adapted = unroll(inner_loss(curvature, b_leaf), {"x": x0_leaf}, make(), steps,
+                         first_order=first_order, gradient=gradient)
+        outer_loss(adapted["x"], target).backward()
+        results.append((adapted["x"].detach(), x0_leaf.grad, b_leaf.grad))
+    for func_value, autograd_value in zip(*results, strict=True):
+        if func_value is None or autograd_value is None:
+            assert func_value is None or not func_value.any()
+            assert autograd_value is None or not autograd_value.any()
+        else:
+            torch.testing.assert_close(autograd_value, func_value, rtol=1e-12, atol=1e-14)
+
+
+def test_autograd_gradient_refuses_torch_func_transforms():
+    def objective(x0):
+        return unroll(lambda p: (p["x"] ** 2).sum(), {"x": x0}, torchopt.sgd(0.1), 1, gradient="autograd")["x"].sum()
+
+    with pytest.raises(RuntimeError, match=r"torch\.func"):
+        torch.func.grad(objective)(torch.ones(2, dtype=DTYPE))
+
+
 @pytest.mark.parametrize("optimizer", [torchopt.sgd(0.1), adam(0.05), meta_sgd(0.1)], ids=["sgd", "adam", "meta_sgd"])
 def test_vmap_over_tasks_equals_loop(optimizer):
     curvature, x0, _, target = quadratic_problem(1, 3)
@@ -146,6 +177,8 @@ def test_bad_input_is_named():
         unroll(lambda p: p["x"].sum(), params, torchopt.sgd(0.1), -1)
     with pytest.raises(TypeError, match="optimizer"):
         unroll(lambda p: p["x"].sum(), params, torch.optim.SGD, 1)
+    with pytest.raises(ValueError, match="'tape'"):
+        unroll(lambda p: p["x"].sum(), params, torchopt.sgd(0.1), 1, gradient="tape")
     with pytest.raises(ValueError, match="lrs"):
         unroll(lambda p: p["x"].sum(), params, meta_sgd({"y": torch.ones(2)}), 1)
     with pytest.raises(ValueError, match="eps_root"):
