@@ -13,9 +13,11 @@ Per actor update, with a train batch ``d_trn`` and an independent validation bat
     L_att(psi) = tanh(L_actor(phi_new; d_val) - L_actor(phi_old; d_val))           (eq. 10)
     psi <- Adam(psi, grad_psi L_att)
 
-The look-ahead steps are plain SGD at the actor's learning rate (`sgd_lookahead`: `bilevel.inner.unroll`'s
-step with ``torchopt.sgd``, bit for bit, by ``torch.autograd.grad`` with ``create_graph``) and
-``grad_psi L_att`` differentiates through eq. 9's. Eq. 8's gradient is the vanilla gradient the
+The look-ahead steps are plain SGD at the actor's learning rate; eq. 9 is a `bilevel.inner.unroll`
+call and ``grad_psi L_att`` differentiates through it. The look-ahead runs outside any ``torch.func``
+transform, so `unroll` takes its gradients with ``gradient="autograd"`` (``torch.autograd.grad`` with
+``create_graph``: the same numbers as ``torch.func.grad``, with less dispatch per operation on these
+small networks). Eq. 8's gradient is the vanilla gradient the
 actor's own step takes at the same ``phi``, so it is computed once for both (with
 ``meta_loss_trains_actor`` both steps are unrolled, differentiable in ``phi``). One actor-feature pass
 serves the vanilla and the attention action (`MetaAttention.attention_forward`), and over DDPG and TD3
@@ -51,11 +53,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torchopt
 from torch import Tensor, nn
 
 from bilevel import tree
@@ -63,6 +65,7 @@ from bilevel.algorithms.ddpg import DDPG
 from bilevel.algorithms.off_policy import OffPolicyLearner, adam, apply, parameters
 from bilevel.algorithms.sac import SAC
 from bilevel.algorithms.td3 import TD3
+from bilevel.inner import unroll
 from bilevel.nets import mlp
 from bilevel.runs import Learner, register
 from bilevel.tree import Tree
@@ -81,7 +84,6 @@ __all__ = [
     "make_variant",
     "plot_feature_embeddings",
     "plot_q_gap",
-    "sgd_lookahead",
 ]
 
 LOOKAHEAD_LAYERS = {"first": ("features.0.",), "features": ("features.",), "all": ("",)}
@@ -93,23 +95,6 @@ def lookahead_split(actor_params: dict[str, Tensor], layers: str) -> tuple[dict[
     prefixes = LOOKAHEAD_LAYERS[layers]
     moved = {name: value for name, value in actor_params.items() if name.startswith(prefixes)}
     return moved, {name: value for name, value in actor_params.items() if name not in moved}
-
-
-def sgd_lookahead(loss: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor],
-                  lr: float) -> dict[str, Tensor]:
-    """One differentiable SGD step ``params - lr grad loss(params)`` (eqs. 8, 9): the tree
-    ``bilevel.inner.unroll(loss, params, torchopt.sgd(lr), 1)`` returns, bit for bit, differentiable in
-    ``params`` (where they require grad) and in every tensor ``loss`` closes over.
-
-    Taken by ``torch.autograd.grad(create_graph=True)`` rather than `unroll`'s ``torch.func.grad``,
-    whose per-operation dispatch cost 15-25% of MATT's look-ahead and meta-gradient on the authors'
-    networks. Entries that do not require grad are differentiated as fresh leaves (their step is then
-    constant in them); an entry ``loss`` does not read gets a zero gradient, as under ``torch.func.grad``."""
-    with torch.enable_grad():
-        inputs = {name: value if value.requires_grad else value.detach().requires_grad_()
-                  for name, value in params.items()}
-        grads = torch.autograd.grad(loss(inputs), list(inputs.values()), create_graph=True, materialize_grads=True)
-        return {name: value - lr * grad for (name, value), grad in zip(inputs.items(), grads, strict=True)}
 
 
 class AttentionForward(NamedTuple):
@@ -227,10 +212,12 @@ class LookAheadMetaLearner(OffPolicyLearner):
         def actor(moved_params: Tree) -> Tree:
             return {**fixed, **moved_params}
 
-        lr = self.config.actor_lr
+        step = torchopt.sgd(self.config.actor_lr)
         if old is None:
-            old = sgd_lookahead(lambda p: self.actor_loss(actor(p), train_obs, train_noise), moved, lr)
-        new = sgd_lookahead(lambda p: self.auxiliary_loss(actor(p), meta_params, train_obs, train_noise), old, lr)
+            old = unroll(lambda p: self.actor_loss(actor(p), train_obs, train_noise), moved, step, 1,
+                         gradient="autograd")
+        new = unroll(lambda p: self.auxiliary_loss(actor(p), meta_params, train_obs, train_noise), old, step, 1,
+                     gradient="autograd")
         improvement = self.actor_loss(actor(new), val_obs, val_noise) - self.actor_loss(actor(old), val_obs, val_noise)
         return torch.tanh(improvement)
 
