@@ -143,7 +143,9 @@ class RunFolder:
         atomic_write_text(self.path / name, json.dumps(data, indent=2) + "\n")
 
 
-def metric_series(rows: Iterable[dict[str, float]], x: str, y: str) -> tuple[list[float], list[float]]:
-    """The (x, y) pairs of the rows that have both metrics."""
-    pairs = [(row[x], row[y]) for row in rows if x in row and y in row]
+def metric_series(
+    rows: Iterable[dict[str, float]], x: str, y: str, x_max: float | None = None
+) -> tuple[list[float], list[float]]:
+    """The (x, y) pairs of the rows that have both metrics (and ``x <= x_max`` where given)."""
+    pairs = [(row[x], row[y]) for row in rows if x in row and y in row and (x_max is None or row[x] <= x_max)]
     return [p[0] for p in pairs], [p[1] for p in pairs]

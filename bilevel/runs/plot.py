@@ -60,8 +60,11 @@ def seed_band(curves: list[tuple[list[float], list[float]]], points: int = 100):
     return grid, mean, mean - half_width, mean + half_width, count
 
 
-def plot_curves(run_dirs: list[str | Path], out: str | Path, *, x: str = "env_steps", y: str = "return") -> Path:
-    """Draw ``y`` against ``x`` for every config group of ``run_dirs`` into ``out`` (PNG)."""
+def plot_curves(
+    run_dirs: list[str | Path], out: str | Path, *, x: str = "env_steps", y: str = "return", x_max: float | None = None
+) -> Path:
+    """Draw ``y`` against ``x`` (up to ``x_max`` where given) for every config group of ``run_dirs`` into
+    ``out`` (PNG)."""
     try:
         import matplotlib
 
@@ -72,7 +75,7 @@ def plot_curves(run_dirs: list[str | Path], out: str | Path, *, x: str = "env_st
     folders = [RunFolder(d) for d in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, group in group_by_config(folders).items():
-        grid, mean, low, high, _ = seed_band([metric_series(f.read_metrics(), x, y) for f in group])
+        grid, mean, low, high, _ = seed_band([metric_series(f.read_metrics(), x, y, x_max) for f in group])
         ax.plot(grid, mean, label=f"{label} ({len(group)} seeds)")
         ax.fill_between(grid, low, high, alpha=0.25)
     ax.set_xlabel(x)

@@ -12,7 +12,8 @@ outside them is prose and is left alone. Two kinds of block:
     <!-- bilevel:end -->
 
 Folder arguments are paths or glob patterns relative to the working directory; a sweep
-folder stands for its trials. ``out`` is relative to the report's own folder.
+folder stands for its trials. ``out`` is relative to the report's own folder; ``xmax=N`` cuts the
+curves at ``x <= N`` (runs that continued past the budget a report describes).
 ``bilevel report FILE...`` rewrites each file atomically.
 """
 
@@ -61,7 +62,11 @@ def _curves(folders: list[Path], options: dict[str, str], report: Path, where: s
     if "out" not in options:
         raise ValueError(f"{where}: a curves block needs out=FILE.png")
     y, x = options.get("y", "return"), options.get("x", "env_steps")
-    plot_curves(folders, report.parent / options["out"], x=x, y=y)
+    try:
+        x_max = float(options["xmax"]) if "xmax" in options else None
+    except ValueError:
+        raise ValueError(f"{where}: xmax must be a number; got {options['xmax']!r}") from None
+    plot_curves(folders, report.parent / options["out"], x=x, y=y, x_max=x_max)
     return f"![{y} against {x}]({options['out']})\n"
 
 

@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from bilevel.runs.folder import MetricsWriter, RunFolder
+from bilevel.runs.folder import MetricsWriter, RunFolder, metric_series
 from bilevel.runs.report import regenerate
 
 
@@ -85,3 +85,14 @@ def test_labels_name_only_what_differs_within_an_algorithm(tmp_path):
     groups = group_by_config([RunFolder(tmp_path / n) for n in ("a0", "a1", "b0", "b1")])
     assert {label: len(g) for label, g in groups.items()} == {
         "td3": 2, "td3-matt attention_lr=0.0001": 1, "td3-matt attention_lr=0.001": 1}
+
+
+def test_xmax_cuts_the_curves_and_a_bad_value_is_named(runs):
+    report = runs / "report.md"
+    report.write_text("<!-- bilevel:curves runs/lr* out=cut.png xmax=2000 -->\n<!-- bilevel:end -->\n")
+    assert regenerate(report) == 1 and (runs / "cut.png").stat().st_size > 1000
+    rows = [{"env_steps": 1000.0 * k, "return": float(k)} for k in range(1, 4)]
+    assert metric_series(rows, "env_steps", "return", x_max=2000) == ([1000.0, 2000.0], [1.0, 2.0])
+    report.write_text("<!-- bilevel:curves runs/lr* out=cut.png xmax=two -->\n<!-- bilevel:end -->\n")
+    with pytest.raises(ValueError, match=r"report\.md:1.*xmax.*'two'"):
+        regenerate(report)
