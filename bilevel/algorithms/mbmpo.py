@@ -661,7 +661,7 @@ class MBMPO(Learner):
         return collect_real(c.env, c.horizon, uniform, episodes, self._seed("random")).episodes
 
     def evaluate(self, perturb: str | None = None, episodes: int = 5, adaptation_episodes: int = 5,
-                 adaptation_steps: int = 3, seed: int = 0) -> dict[str, float]:
+                 adaptation_steps: int = 3, seed: int = 0, adaptation_lr: float | None = None) -> dict[str, float]:
         """Meta-test on real (optionally perturbed) dynamics: adapt the meta-policy with real episodes.
 
         Round ``k = 0 .. adaptation_steps``: ``episodes`` mean-action episodes of the current policy are
@@ -669,16 +669,23 @@ class MBMPO(Learner):
         round, ``adaptation_episodes`` stochastic episodes are collected and one inner step (the training
         inner loss, penalty included) adapts the policy on them. ``samples_k`` counts the real steps of
         adaptation data used before round ``k``. ``perturb``: None, mass (+50%), crippled-joint or slope
-        (10 degrees)."""
+        (10 degrees). ``adaptation_lr``: the real-data inner step's size (default: the training one,
+        ``inner_lr``)."""
         if perturb is not None and perturb not in OOD_PERTURBATIONS:
             raise ValueError(f"`perturb` must be one of {list(OOD_PERTURBATIONS)} or None; got {perturb!r}")
         for name, value, least in (("episodes", episodes, 1), ("adaptation_episodes", adaptation_episodes, 1),
                                    ("adaptation_steps", adaptation_steps, 0), ("seed", seed, 0)):
             _check_int(name, value, least)
+        if adaptation_lr is not None and not (isinstance(adaptation_lr, (int, float)) and adaptation_lr > 0):
+            raise ValueError(f"`adaptation_lr` must be a number > 0; got {adaptation_lr!r}")
         c = self.config
+        inner_loop = self.inner_loop(steps=1)
+        if adaptation_lr is not None:
+            inner_loop = inner_loop._replace(lr=float(adaptation_lr))
         generator = torch.Generator(self.device).manual_seed(derive_seed(c.seed, seed, 7_919))
         params, samples = self.meta_params, 0
-        result: dict[str, float] = {"horizon": float(c.horizon), "attention_weight": c.attention_weight}
+        result: dict[str, float] = {"horizon": float(c.horizon), "attention_weight": c.attention_weight,
+                                    "adaptation_lr": inner_loop.lr}
         for round_index in range(adaptation_steps + 1):
             scored = collect_real(c.env, c.horizon, self._policy_fn(params, None), episodes,
                                   derive_seed(seed, round_index, 0), perturb)
@@ -693,7 +700,7 @@ class MBMPO(Learner):
             batch = collect_real(c.env, c.horizon, self._policy_fn(params, generator), adaptation_episodes,
                                  derive_seed(seed, round_index, 1), perturb).episodes
             samples += int(batch.valid.sum())
-            params = tree.detach(adapt(params, self.real_data(params, batch), self.inner_loop(steps=1)))
+            params = tree.detach(adapt(params, self.real_data(params, batch), inner_loop))
         return result
 
     def real_data(self, params: Tree, batch: Trajectories) -> TaskData:

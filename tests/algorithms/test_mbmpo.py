@@ -24,7 +24,7 @@ from bilevel.algorithms.mbmpo import (
 from bilevel.envs.rewards import half_cheetah_reward
 from bilevel.nets import GaussianMLPPolicy, ProbabilisticEnsemble
 from bilevel.rl.meta_batches import TaskData
-from bilevel.runs.loop import load_learner
+from bilevel.runs.loop import evaluate_run, load_learner
 
 TINY = ["--horizon", "10", "--initial-random-steps", "30", "--episodes-per-model", "1", "--meta-steps", "1",
         "--imagined-trajectories", "4", "--imagined-horizon", "6", "--ensemble-size", "3", "--num-elites", "2",
@@ -184,8 +184,24 @@ def test_bad_eval_options_raise_value_error_naming_them(runs, capsys):
     assert "perturb" in capsys.readouterr().err
     assert cli.main(["eval", str(runs[0]), "--episodes", "0"]) == 2
     assert "episodes" in capsys.readouterr().err
+    assert cli.main(["eval", str(runs[0]), "--adaptation-lr", "0"]) == 2
+    assert "adaptation_lr" in capsys.readouterr().err
     with pytest.raises(ValueError, match="temporal_weight"):
         MBMPOConfig(temporal_weight=-0.1).validate()
+
+
+def test_the_real_data_step_size_is_the_training_one_unless_given(runs):
+    """The default meta-test equals one with ``adaptation_lr = inner_lr`` in every round, and another
+    step size changes the returns after the first inner step but not before it."""
+    run = runs[0]
+    options = {"episodes": 1, "adaptation_episodes": 1, "adaptation_steps": 1}
+    inner_lr = json.loads((run / "config.json").read_text())["config"]["inner_lr"]
+    default = evaluate_run(run, options)
+    same = evaluate_run(run, {**options, "adaptation_lr": inner_lr})
+    other = evaluate_run(run, {**options, "adaptation_lr": 10 * inner_lr})
+    keys = [k for k in default if k.startswith(("return_", "jacobian_sq_"))]
+    assert all(default[k] == same[k] for k in keys) and default["adaptation_lr"] == inner_lr
+    assert other["return_0"] == default["return_0"] and other["return_1"] != default["return_1"]
 
 
 def test_bilevel_plot_draws_the_mbmpo_figures(runs, tmp_path, capsys):
