@@ -676,7 +676,8 @@ class MBMPO(Learner):
         for name, value, least in (("episodes", episodes, 1), ("adaptation_episodes", adaptation_episodes, 1),
                                    ("adaptation_steps", adaptation_steps, 0), ("seed", seed, 0)):
             _check_int(name, value, least)
-        if adaptation_lr is not None and not (isinstance(adaptation_lr, (int, float)) and adaptation_lr > 0):
+        if adaptation_lr is not None and (isinstance(adaptation_lr, bool) or not isinstance(adaptation_lr, (int, float))
+                                          or not adaptation_lr > 0):
             raise ValueError(f"`adaptation_lr` must be a number > 0; got {adaptation_lr!r}")
         c = self.config
         inner_loop = self.inner_loop(steps=1)

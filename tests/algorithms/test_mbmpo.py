@@ -184,8 +184,9 @@ def test_bad_eval_options_raise_value_error_naming_them(runs, capsys):
     assert "perturb" in capsys.readouterr().err
     assert cli.main(["eval", str(runs[0]), "--episodes", "0"]) == 2
     assert "episodes" in capsys.readouterr().err
-    assert cli.main(["eval", str(runs[0]), "--adaptation-lr", "0"]) == 2
-    assert "adaptation_lr" in capsys.readouterr().err
+    for bad in ("0", "True", "nan"):
+        assert cli.main(["eval", str(runs[0]), "--adaptation-lr", bad]) == 2
+        assert "adaptation_lr" in capsys.readouterr().err
     with pytest.raises(ValueError, match="temporal_weight"):
         MBMPOConfig(temporal_weight=-0.1).validate()
 
