@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from bilevel.runs.folder import RunFolder, metric_series
+from bilevel.runs.learner import get_algorithm
 
 __all__ = ["group_by_config", "plot_curves", "seed_band"]
 
@@ -16,13 +18,27 @@ __all__ = ["group_by_config", "plot_curves", "seed_band"]
 IGNORED_IN_LABELS = ("seed", "device", "checkpoint_every", "iterations")
 
 
+def with_defaults(algorithm: str, config: dict) -> dict:
+    """``config`` completed by the algorithm's current defaults for the fields it lacks (a run
+    saved before a field existed trained with that field's default), or as it is for an
+    algorithm that is not registered."""
+    try:
+        config_class = get_algorithm(algorithm).Config
+    except ValueError:
+        return config
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
+    return {**defaults, **config}
+
+
 def group_by_config(folders: list[RunFolder]) -> dict[str, list[RunFolder]]:
     """Runs grouped by algorithm and config, seeds and devices aside. The label names the
     algorithm and the config values that differ between that algorithm's groups (a field
-    another algorithm lacks does not count as a difference)."""
+    another algorithm lacks does not count as a difference; a field a run's config lacks takes
+    the algorithm's default)."""
     configs = []
     for folder in folders:
         algorithm, config = folder.read_config()
+        config = with_defaults(algorithm, config)
         configs.append({"algorithm": algorithm, **{k: v for k, v in config.items() if k not in IGNORED_IN_LABELS}})
     varying: dict[str, list[str]] = {}
     for algorithm in {c["algorithm"] for c in configs}:

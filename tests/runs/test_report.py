@@ -96,3 +96,17 @@ def test_xmax_cuts_the_curves_and_a_bad_value_is_named(runs):
     report.write_text("<!-- bilevel:curves runs/lr* out=cut.png xmax=two -->\n<!-- bilevel:end -->\n")
     with pytest.raises(ValueError, match=r"report\.md:1.*xmax.*'two'"):
         regenerate(report)
+
+
+def test_a_field_missing_from_an_older_config_counts_as_its_default(tmp_path):
+    from bilevel.runs.learner import get_algorithm
+    from bilevel.runs.plot import group_by_config
+
+    default = get_algorithm("td3-matt").Config().meta_interval
+    for name, config in [("old", {"seed": 0}), ("new", {"seed": 1, "meta_interval": default}),
+                         ("other", {"seed": 2, "meta_interval": default + 3})]:
+        RunFolder(tmp_path / name).path.mkdir()
+        RunFolder(tmp_path / name).write_config("td3-matt", config)
+    groups = group_by_config([RunFolder(tmp_path / n) for n in ("old", "new", "other")])
+    assert {label: [f.path.name for f in g] for label, g in groups.items()} == {
+        f"td3-matt meta_interval={default}": ["old", "new"], f"td3-matt meta_interval={default + 3}": ["other"]}

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# MATT reproduction queue (issue 6). Start or continue:  nohup docs/reproductions/meta-attention/queue.sh [WORKERS] &
+# Every job brings one run folder to a target iteration, resuming from its checkpoint; a run held
+# by another worker (flock on RUN.lock) is skipped and retried later. WORKERS (default 1) worker
+# processes each run one `bilevel train` at a time with one torch thread. The package is copied
+# to runs/matt-code at start so that edits to the working tree do not reach running jobs.
+set -u
+cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
+WORKERS=${1:-1}
+SNAP=runs/matt-code
+rm -rf "$SNAP.new" && mkdir -p "$SNAP.new" && cp -r bilevel "$SNAP.new/" && rm -rf "$SNAP" && mv "$SNAP.new" "$SNAP"
+export PYTHONPATH=$PWD/$SNAP OMP_NUM_THREADS=1
+COMMON="--batch-size 128 --actor-lr 1e-3 --critic-lr 1e-3 --eval-episodes 10 --device cpu"
+PEND="--env Pendulum-v1 --learning-starts 1000 --checkpoint-every 1 $COMMON"
+LUNAR="--env LunarLanderContinuous-v3 --learning-starts 10000 --buffer-size 300000 --checkpoint-every 5 $COMMON"
+# BipedalWalker: 2000 env steps per iteration (an evaluation of 10 episodes of up to 1600 steps every 2k)
+BIPEDAL="--env BipedalWalker-v3 --steps-per-iteration 2000 --learning-starts 10000 --buffer-size 300000 --checkpoint-every 5 $COMMON"
+TD3_FAMILY="td3 td3-matt td3-matt-dt td3-mc"
+
+jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
+  for s in 0 1 2; do for a in $TD3_FAMILY sac sac-matt; do
+    echo "runs/matt-pendulum/$a-s$s $a 20 $PEND --seed $s"; done; done
+  for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 30 $LUNAR --seed $s"; done; done
+  for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-bipedal/$a-s$s $a 25 $BIPEDAL --seed $s"; done; done
+  for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 100 $LUNAR --seed $s"; done; done
+  for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-bipedal/$a-s$s $a 50 $BIPEDAL --seed $s"; done; done
+  for target in 200 300; do
+    for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a $target $LUNAR --seed $s"; done; done
+  done
+}
+
+done_iterations() {  # the last iteration in RUN/metrics.csv (0 without a checkpoint); targets are checkpoint iterations
+  { [ -f "$1/checkpoints/last.pt" ] && [ -f "$1/metrics.csv" ]; } || { echo 0; return; }
+  local last; last=$(tail -n 1 "$1/metrics.csv" | cut -d, -f1)
+  [[ "$last" =~ ^[0-9]+$ ]] && echo "$last" || echo 0
+}
+
+worker() {
+  while true; do
+    local pending=0 progressed=0
+    while read -r dir algo target options; do
+      [ "$(done_iterations "$dir")" -ge "$target" ] && continue
+      pending=1
+      mkdir -p "$(dirname "$dir")"
+      exec 9>"$dir.lock"
+      if flock -n 9; then
+        echo "$(date -u +%FT%TZ) worker $1: $dir -> $target"
+        if [ -f "$dir/checkpoints/last.pt" ]; then
+          .venv/bin/bilevel train "$algo" --resume "$dir" --iterations "$target" --threads 1 --no-progress
+        else
+          # shellcheck disable=SC2086
+          .venv/bin/bilevel train "$algo" --iterations "$target" --threads 1 --no-progress --overwrite --run-dir "$dir" $options
+        fi
+        echo "$(date -u +%FT%TZ) worker $1: $dir exit $?"
+        progressed=1
+        flock -u 9
+      fi
+      exec 9>&-
+    done < <(jobs)
+    [ $pending = 0 ] && { echo "$(date -u +%FT%TZ) worker $1: all done"; return; }
+    [ $progressed = 0 ] && sleep 60
+  done
+}
+
+for w in $(seq 1 "$WORKERS"); do worker "$w.$$" >> "runs/matt-queue-worker$w-$$.log" 2>&1 & sleep 5; done
+wait
