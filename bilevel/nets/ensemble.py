@@ -18,7 +18,7 @@ on a GPU the single batched kernel is the point, and ``vmap`` lowers to the same
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, NamedTuple
@@ -32,7 +32,10 @@ from bilevel.nets.common import ActivationFactory, check_last_dim, check_positiv
 __all__ = ["EnsembleLinear", "FitResult", "Prediction", "ProbabilisticEnsemble", "gaussian_nll", "soft_clamp"]
 
 LOGVAR_BOUND_PENALTY = 0.01
+MemberLayers = tuple[tuple[Tensor, Tensor], ...]
+"""Each layer's ``(bias [M, 1, out], weight [M, in, out])`` for ``M`` members."""
 _MIN_STD = 1e-6
+_SCORE_CHUNK = 2048
 
 
 class EnsembleLinear(nn.Module):
@@ -150,14 +153,31 @@ class ProbabilisticEnsemble(nn.Module):
 
     # ----------------------------------------------------------------- evaluation
 
-    def normalised_forward(self, x: Tensor, member_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def member_layers(self, member_idx: Tensor | None = None) -> MemberLayers:
+        """Every layer's ``(bias [M, 1, out], weight [M, in, out])`` for the members ``member_idx`` (gathered
+        copies), or the parameters themselves for all members when it is None. Gather once and pass the
+        result to `normalised_forward` or `member_predictor` to evaluate the same members many times."""
+        if member_idx is None:
+            return tuple((layer.bias, layer.weight) for layer in self.layers)
+        return tuple((layer.bias[member_idx], layer.weight[member_idx]) for layer in self.layers)
+
+    def normalised_forward(
+        self, x: Tensor, member_idx: Tensor | None = None, *, layers: MemberLayers | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The members' Gaussians in normalised units: ``x [M, N, in]`` (normalised inputs) ->
-        ``(mean, logvar)``, each ``[M, N, target_dim]``; ``M = E``, or ``len(member_idx)``."""
-        hidden = x
-        for layer in self.layers[:-1]:
-            hidden = self.activation(layer(hidden, member_idx))
-        mean, raw_logvar = self.layers[-1](hidden, member_idx).chunk(2, dim=-1)
+        ``(mean, logvar)``, each ``[M, N, target_dim]``; ``M = E``, or ``len(member_idx)``, or the members
+        of ``layers`` (from `member_layers`, which then replaces ``member_idx``)."""
+        mean, raw_logvar = self._normalised_outputs(x, self.member_layers(member_idx) if layers is None else layers)
         return mean, soft_clamp(raw_logvar, self.min_logvar, self.max_logvar)
+
+    def _normalised_outputs(self, x: Tensor, layers: MemberLayers) -> tuple[Tensor, Tensor]:
+        """``(mean, raw_logvar)``: the two halves of the last layer's output, ``h_{l+1} = act(b_l + h_l W_l)``."""
+        hidden = x
+        for bias, weight in layers[:-1]:
+            hidden = self.activation(torch.baddbmm(bias, hidden, weight))
+        bias, weight = layers[-1]
+        mean, raw_logvar = torch.baddbmm(bias, hidden, weight).chunk(2, dim=-1)
+        return mean, raw_logvar
 
     def forward(self, obs: Tensor, act: Tensor, member_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Each member's Gaussian over ``[s' - s, r]`` in environment units.
@@ -166,16 +186,22 @@ class ProbabilisticEnsemble(nn.Module):
         member ``m`` its own rows (``M = E``, or ``len(member_idx)``). Returns ``(mean, logvar)``, each
         ``[M, N, target_dim]``: ``mean = mu_y + sigma_y * mean_n``, ``logvar = logvar_n + 2 log sigma_y``.
         """
+        layers = self.member_layers(member_idx)
+        mean, logvar = self.normalised_forward(self._member_inputs(obs, act, layers), layers=layers)
+        return self.target_mean + self.target_std * mean, logvar + 2.0 * torch.log(self.target_std)
+
+    def _member_inputs(self, obs: Tensor, act: Tensor, layers: MemberLayers) -> Tensor:
+        """The normalised inputs ``[M, N, in]`` of the ``M`` members of ``layers``, from shared ``[N, ...]``
+        rows or per-member ``[M, N, ...]`` rows."""
         x = self._normalised_inputs(obs, act)
-        num_members = self.ensemble_size if member_idx is None else member_idx.shape[0]
+        num_members = layers[0][0].shape[0]
         if x.dim() == 2:
-            x = x.expand(num_members, *x.shape)
-        elif x.dim() != 3 or x.shape[0] != num_members:
+            return x.expand(num_members, *x.shape)
+        if x.dim() != 3 or x.shape[0] != num_members:
             raise ValueError(
                 f"`obs` must be [N, {self.obs_dim}] or [{num_members}, N, {self.obs_dim}]; got {tuple(obs.shape)}"
             )
-        mean, logvar = self.normalised_forward(x, member_idx)
-        return self.target_mean + self.target_std * mean, logvar + 2.0 * torch.log(self.target_std)
+        return x
 
     def predict_members(
         self,
@@ -192,8 +218,26 @@ class ProbabilisticEnsemble(nn.Module):
         ``obs``/``act`` as in ``forward``. Returns ``next_obs [M, N, obs_dim]`` and ``reward [M, N]``.
         """
         member_idx = self.elite_idx if member_idx is None else member_idx
-        mean, logvar = self.forward(obs, act, member_idx)
-        return self._sample(obs, mean, logvar, generator, deterministic)
+        return self.member_predictor(member_idx, deterministic=deterministic)(obs, act, generator=generator)
+
+    def member_predictor(
+        self, member_idx: Tensor | None = None, *, deterministic: bool = False
+    ) -> Callable[..., Prediction]:
+        """`predict_members` for fixed members (default: the current elites) as a function
+        ``(obs, act, *, generator=None) -> Prediction``, their weights gathered once (a model rollout
+        calls it every step). Deterministic predictions skip the log-variance head, which they do not use;
+        the numbers are those of `predict_members`."""
+        layers = self.member_layers(self.elite_idx if member_idx is None else member_idx)
+
+        def predict(obs: Tensor, act: Tensor, *, generator: torch.Generator | None = None) -> Prediction:
+            mean, raw_logvar = self._normalised_outputs(self._member_inputs(obs, act, layers), layers)
+            target = self.target_mean + self.target_std * mean
+            if deterministic:
+                return self._sample(obs, target, None, generator, deterministic=True)
+            logvar = soft_clamp(raw_logvar, self.min_logvar, self.max_logvar) + 2.0 * torch.log(self.target_std)
+            return self._sample(obs, target, logvar, generator, deterministic=False)
+
+        return predict
 
     def predict(
         self,
@@ -233,11 +277,11 @@ class ProbabilisticEnsemble(nn.Module):
         self,
         obs: Tensor,
         mean: Tensor,
-        logvar: Tensor,
+        logvar: Tensor | None,
         generator: torch.Generator | None,
         deterministic: bool,
     ) -> Prediction:
-        if deterministic:
+        if deterministic or logvar is None:
             target = mean
         else:
             noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
@@ -305,6 +349,7 @@ class ProbabilisticEnsemble(nn.Module):
                 {"params": [self.max_logvar, self.min_logvar], "weight_decay": 0.0},
             ],
             lr=learning_rate,
+            foreach=True,
         )
         best_score = self._mse(x[score_rows], y[score_rows])
         best_layers = [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in self.layers]
@@ -342,8 +387,17 @@ class ProbabilisticEnsemble(nn.Module):
 
     @torch.no_grad()
     def _mse(self, x: Tensor, y: Tensor) -> Tensor:
-        mean, _ = self.normalised_forward(x.expand(self.ensemble_size, *x.shape))
-        return torch.mean((mean - y) ** 2, dim=(-2, -1))
+        """``mean_{n,d} (mean_e(x_n) - y_n)^2`` per member, ``[E]``, for ``x [N, in]``, ``y [N, target_dim]``.
+
+        The means are computed ``_SCORE_CHUNK`` rows at a time (each row's mean does not depend on the others,
+        and the hidden activations of a chunk stay in cache) and reduced over all rows at once; the
+        log-variance head is not evaluated."""
+        layers = self.member_layers()
+        means = [
+            self._normalised_outputs(rows.expand(self.ensemble_size, *rows.shape), layers)[0]
+            for rows in x.split(_SCORE_CHUNK)
+        ]
+        return torch.mean((torch.cat(means, dim=1) - y) ** 2, dim=(-2, -1))
 
     def _train_epoch(
         self,

@@ -187,3 +187,61 @@ def test_bad_arguments_raise_value_errors_naming_them():
         ensemble.fit(torch.zeros(10, 3), torch.zeros(10, 2), torch.zeros(10, 3), torch.zeros(9))
     with pytest.raises(ValueError, match="`holdout_ratio`"):
         ensemble.fit(torch.zeros(10, 3), torch.zeros(10, 2), torch.zeros(10, 3), torch.zeros(10), holdout_ratio=1.0)
+
+
+def test_member_predictor_is_predict_members_and_a_loop_over_members_in_float64(fitted):
+    ensemble = copy.deepcopy(fitted[0]).double()
+    obs, act, _, _ = make_data(30, seed=6)
+    obs, act = obs.double().expand(3, 30, 1) + 0.1, act.double().expand(3, 30, 1)
+    members = torch.tensor([2, 0, 3])
+    with torch.no_grad():
+        for deterministic in (True, False):
+            fast = ensemble.member_predictor(members, deterministic=deterministic)(
+                obs, act, generator=torch.Generator().manual_seed(1)
+            )
+            reference = ensemble.predict_members(
+                obs, act, member_idx=members, deterministic=deterministic, generator=torch.Generator().manual_seed(1)
+            )
+            assert torch.equal(fast.next_obs, reference.next_obs) and torch.equal(fast.reward, reference.reward)
+        mean, _ = ensemble(obs, act, members)
+        loop = torch.stack([ensemble(obs[i], act[i], member.reshape(1))[0][0] for i, member in enumerate(members)])
+        torch.testing.assert_close(mean, loop, rtol=1e-13, atol=1e-13)
+        elites = ensemble.member_predictor(deterministic=True)(obs, act)
+        torch.testing.assert_close(elites.next_obs, obs + ensemble(obs, act, ensemble.elite_idx)[0][..., :1])
+
+
+def test_chunked_holdout_score_equals_one_pass_in_float64_and_float32(fitted):
+    from bilevel.nets.ensemble import _SCORE_CHUNK
+
+    for dtype in (torch.float64, torch.float32):
+        ensemble = copy.deepcopy(fitted[0]).to(dtype)
+        obs, act, next_obs, reward = (x.to(dtype) for x in make_data(2 * _SCORE_CHUNK + 77, seed=7))
+        x = ensemble._normalised_inputs(obs, act)
+        y = ensemble._normalised_targets(obs, next_obs, reward)
+        with torch.no_grad():
+            mean, _ = ensemble.normalised_forward(x.expand(4, *x.shape))
+        one_pass = torch.mean((mean - y) ** 2, dim=(-2, -1))
+        torch.testing.assert_close(
+            ensemble.holdout_score(obs, act, next_obs, reward),
+            one_pass,
+            rtol=1e-12 if dtype == torch.float64 else 1e-6,
+            atol=0,
+        )
+
+
+def test_fit_does_not_depend_on_adams_implementation(monkeypatch):
+    def fit(**adam_options):
+        torch.manual_seed(0)
+        ensemble = ProbabilisticEnsemble(1, 1, ensemble_size=3, num_elites=2, hidden=(16, 16))
+        adam = torch.optim.Adam
+        monkeypatch.setattr(torch.optim, "Adam", lambda *a, **k: adam(*a, **{**k, **adam_options}))
+        result = ensemble.fit(*make_data(300, seed=8), max_epochs=4, generator=torch.Generator().manual_seed(3))
+        monkeypatch.setattr(torch.optim, "Adam", adam)
+        return ensemble.state_dict(), result
+
+    (used, used_result), (looped, looped_result) = fit(), fit(foreach=False)
+    assert used_result.train_loss == looped_result.train_loss
+    assert torch.equal(used_result.holdout_score, looped_result.holdout_score)
+    for name, value in used.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, looped[name]), name
