@@ -81,6 +81,7 @@ def trpo_step(
     backtrack_ratio: float = 0.8,
     max_backtracks: int = 15,
     hvp_mode: str = "reverse-over-reverse",
+    loss_and_kl_fn: Callable[[Tree], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tree, TRPOInfo]:
     """One TRPO update of ``params``.
 
@@ -98,6 +99,9 @@ def trpo_step(
         max_backtracks: the line search tries ``j = 0, ..., max_backtracks - 1``.
         hvp_mode: how Fisher-vector products are formed (see
             `bilevel.linalg.hessian_vector_operator`).
+        loss_and_kl_fn: ``params -> (loss_fn(params), kl_fn(params))`` in one evaluation, for the
+            line search's candidates, when the two share work (an inner adaptation, a forward pass);
+            it must return the same numbers. Default: the two functions called in turn.
 
     Returns:
         ``(new_params, TRPOInfo)``; ``new_params`` is ``params`` itself when no
@@ -113,12 +117,13 @@ def trpo_step(
     beta = torch.sqrt(2.0 * max_kl / torch.clamp(curvature, min=torch.finfo(curvature.dtype).tiny))
     full_step = tree.scale(direction, -beta)
     expected_improvement = float(beta * tree.dot(grads, direction))
+    evaluate = loss_and_kl_fn if loss_and_kl_fn is not None else lambda p: (loss_fn(p), kl_fn(p))
 
     with torch.no_grad():
         fraction = 1.0
         for backtracks in range(max_backtracks):
             candidate = tree.axpy(fraction, full_step, params)
-            loss, kl = loss_fn(candidate), kl_fn(candidate)
+            loss, kl = evaluate(candidate)
             if bool(torch.isfinite(loss) & torch.isfinite(kl)) and float(kl) <= max_kl and loss < loss_before:
                 info = TRPOInfo(float(loss_before), float(loss), float(kl), expected_improvement,
                                 backtracks, True, fraction, cg_info)

@@ -111,3 +111,26 @@ def test_settings_give_trpo_step_keywords_and_name_a_bad_value():
                       ({"cg_iters": 0}, "cg_iters"), ({"cg_damping": -1.0}, "cg_damping")]:
         with pytest.raises(ValueError, match=name):
             TRPOSettings(**bad).validate()
+
+
+def test_a_joint_line_search_objective_gives_the_same_step_and_replaces_the_separate_calls():
+    params, loss_fn, kl_fn = gaussian_policy_problem(3, inner_steps=1)
+    calls = {"loss": 0, "kl": 0, "joint": 0}
+
+    def counted(name, fn):
+        def wrapped(p):
+            calls[name] += 1
+            return fn(p)
+        return wrapped
+
+    def joint(p):
+        calls["joint"] += 1
+        return loss_fn(p), kl_fn(p)
+
+    separate, separate_info = trpo_step(loss_fn, kl_fn, params, max_kl=0.01, backtrack_ratio=0.5)
+    shared, shared_info = trpo_step(counted("loss", loss_fn), counted("kl", kl_fn), params, max_kl=0.01,
+                                    backtrack_ratio=0.5, loss_and_kl_fn=joint)
+    for name in params:
+        assert torch.equal(separate[name], shared[name])
+    assert separate_info == shared_info
+    assert calls["joint"] == shared_info.backtracks + 1 and calls["loss"] == 1 and calls["kl"] == 1
