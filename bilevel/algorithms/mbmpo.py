@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchopt
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -91,6 +92,7 @@ __all__ = [
     "evaluation_curves",
     "imagine_models",
     "mean_abs_jacobian",
+    "meta_loss_and_kl",
     "meta_objectives",
     "meta_update",
     "model_data",
@@ -98,6 +100,7 @@ __all__ = [
     "ood_summary",
     "plot_mbmpo",
     "samples_to_fraction",
+    "sequential_apply",
     "shaping_penalty",
 ]
 
@@ -147,8 +150,32 @@ def normalise(obs: Tensor, obs_mean: Tensor, obs_std: Tensor) -> Tensor:
 
 
 def policy_distribution(policy: nn.Module, params: Tree, norm_obs: Tensor) -> DiagGaussian:
-    """``pi_params(. | s)`` at normalised states ``[..., D]``; batch shape ``[...]``."""
+    """``pi_params(. | s)`` at normalised states ``[..., D]``; batch shape ``[...]``.
+
+    A `GaussianMLPPolicy` whose mean net is linear layers and parameter-free activations is evaluated as
+    `sequential_apply` of ``params`` (the operations ``functional_call`` runs, without swapping the module's
+    parameters on every call: imagination calls this once per step)."""
+    if isinstance(policy, GaussianMLPPolicy) and _plain_sequential(policy.mean_net):
+        return DiagGaussian(sequential_apply(policy.mean_net, params, "mean_net", norm_obs), params["log_std"])
     return functional_call(policy, params, (norm_obs,))
+
+
+def _plain_sequential(net: nn.Module) -> bool:
+    return isinstance(net, nn.Sequential) and all(
+        isinstance(layer, nn.Linear) or (next(layer.parameters(), None) is None and next(layer.buffers(), None) is None)
+        for layer in net)
+
+
+def sequential_apply(net: nn.Sequential, params: Tree, prefix: str, x: Tensor) -> Tensor:
+    """``net(x)`` with the parameters ``params[f"{prefix}.{i}.weight"]``, ``params[f"{prefix}.{i}.bias"]`` for the
+    ``i``-th layer, ``x [..., in] -> [..., out]``: ``F.linear`` for the linear layers, the module itself for the
+    parameter-free ones."""
+    for index, layer in enumerate(net):
+        if isinstance(layer, nn.Linear):
+            x = F.linear(x, params[f"{prefix}.{index}.weight"], params.get(f"{prefix}.{index}.bias"))
+        else:
+            x = layer(x)
+    return x
 
 
 def attention_terms(policy: nn.Module, params: Tree, norm_obs: Tensor, valid: Tensor | None,
@@ -203,6 +230,33 @@ def model_kl(meta_params: Tree, pre: TaskData, post: TaskData, behaviour: Behavi
     return masked_mean(kl, post.valid)
 
 
+def model_loss_and_kl(meta_params: Tree, pre: TaskData, post: TaskData, behaviour: Behaviour,
+                      inner: InnerLoop) -> tuple[Tensor, Tensor]:
+    """`model_surrogate_loss` and `model_kl` from one adaptation ``theta'_m`` and one pass of ``pi_{theta'_m}``
+    over the post-adaptation states (the line search evaluates both at every candidate)."""
+    adapted_params = adapt(meta_params, pre, inner)
+    distribution = policy_distribution(inner.policy, adapted_params, post.obs)
+    loss = importance_weighted_loss(distribution.log_prob(post.actions), behaviour.log_probs, post.advantages,
+                                    post.valid)
+    if inner.penalty.in_loss:
+        loss = loss + inner.penalty.weight * attention_terms(inner.policy, adapted_params, post.obs, post.valid,
+                                                             inner.penalty).total
+    kl = gaussian_kl(behaviour.mean, behaviour.log_std, distribution.mean, distribution.log_std)
+    return loss, masked_mean(kl, post.valid)
+
+
+def meta_loss_and_kl(pre: TaskData, post: TaskData, behaviour: Behaviour,
+                     inner: InnerLoop) -> Callable[[Tree], tuple[Tensor, Tensor]]:
+    """``theta -> (L(theta), KL(theta))`` of `meta_objectives` in one vmap over models (`model_loss_and_kl`)."""
+
+    def loss_and_kl(meta_params: Tree) -> tuple[Tensor, Tensor]:
+        losses, kls = vmap(model_loss_and_kl, in_dims=(None, 0, 0, 0, None))(meta_params, pre, post, behaviour,
+                                                                             inner)
+        return losses.mean(), kls.mean()
+
+    return loss_and_kl
+
+
 def meta_objectives(pre: TaskData, post: TaskData, behaviour: Behaviour,
                     inner: InnerLoop) -> tuple[Callable[[Tree], Tensor], Callable[[Tree], Tensor]]:
     """``(L, KL)`` of the meta-parameters, each the mean over models of one vmapped per-model computation."""
@@ -234,7 +288,8 @@ def meta_update(meta_params: Tree, pre: TaskData, post: TaskData, adapted_params
     collected ``post``. ``trpo_options`` go to `trpo_step`."""
     behaviour = behaviour_of(inner.policy, adapted_params, post)
     meta_loss, meta_kl = meta_objectives(pre, post, behaviour, inner)
-    return trpo_step(meta_loss, meta_kl, meta_params, **trpo_options)
+    return trpo_step(meta_loss, meta_kl, meta_params, loss_and_kl_fn=meta_loss_and_kl(pre, post, behaviour, inner),
+                     **trpo_options)
 
 
 def shaping_penalty(policy: nn.Module, params: Tree, norm_obs: Tensor, valid: Tensor, penalty: AttentionPenalty,
@@ -295,8 +350,11 @@ def imagine_models(ensemble: ProbabilisticEnsemble, policy: nn.Module, params: T
     def applied(act: Tensor) -> Tensor:
         return act if action_bounds is None else act.clamp(*action_bounds)
 
+    with torch.no_grad():
+        predict = ensemble.member_predictor(deterministic=not model_noise)
+
     def dynamics(obs: Tensor, act: Tensor, *, generator: torch.Generator | None) -> Any:
-        prediction = ensemble.predict_members(obs, applied(act), generator=generator, deterministic=not model_noise)
+        prediction = predict(obs, applied(act), generator=generator)
         if state_bounds is None:
             return prediction
         return prediction._replace(next_obs=prediction.next_obs.clamp(*state_bounds))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.func import functional_call, vmap
 
 from bilevel import cli, tree
 from bilevel.algorithms.mbmpo import (
@@ -16,9 +17,13 @@ from bilevel.algorithms.mbmpo import (
     adapt,
     adapt_models,
     attention_terms,
+    behaviour_of,
     imagine_models,
+    meta_loss_and_kl,
+    meta_objectives,
     meta_update,
     model_data,
+    policy_distribution,
     samples_to_fraction,
 )
 from bilevel.envs.rewards import half_cheetah_reward
@@ -267,3 +272,39 @@ def test_imagination_clips_actions_and_states_and_steps_the_model_mean():
     sampled = rollout(0)
     assert not torch.allclose(sampled.next_obs[0], ensemble.predict_members(
         sampled.obs[0], sampled.actions[0], deterministic=True).next_obs)
+
+
+def test_policy_distribution_equals_functional_call_bitwise_and_under_vmap():
+    generator = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    policy = GaussianMLPPolicy(5, 3, hidden=(7, 6), init_log_std=-0.3)
+    params = tree.params_of(policy, detach=True)
+    params = tree.map(lambda x: x + 0.1 * torch.randn(x.shape, generator=generator), params)
+    obs = torch.randn(4, 9, 5, generator=generator)
+    fast = policy_distribution(policy, params, obs)
+    reference = functional_call(policy, params, (obs,))
+    assert torch.equal(fast.mean, reference.mean) and torch.equal(fast.log_std, reference.log_std)
+    per_model = tree.map(lambda x: x + 0.1 * torch.randn(3, *x.shape, generator=generator), params)
+
+    def moments(fn):
+        return vmap(lambda p, o: (lambda d: (d.mean, d.log_std))(fn(p, o)))(per_model, obs[:3])
+
+    for fast_part, reference_part in zip(moments(lambda p, o: policy_distribution(policy, p, o)),
+                                         moments(lambda p, o: functional_call(policy, p, (o,))), strict=True):
+        assert torch.equal(fast_part, reference_part)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_line_search_objective_is_meta_objectives_in_one_pass(alpha):
+    generator = torch.Generator().manual_seed(5)
+    policy, meta_params = small_policy()
+    pre, post = random_data(generator, models=3), random_data(generator, models=3)
+    inner = InnerLoop(policy, lr=0.1, steps=1, penalty=AttentionPenalty(alpha, 1.0, 0.5, dt=0.05))
+    adapted = tree.detach(adapt_models(meta_params, pre, inner))
+    behaviour = behaviour_of(policy, adapted, post)
+    meta_loss, meta_kl = meta_objectives(pre, post, behaviour, inner)
+    moved = tree.map(lambda x: x + 0.05 * torch.randn(x.shape, generator=generator, dtype=x.dtype), meta_params)
+    for params in (meta_params, moved):
+        loss, kl = meta_loss_and_kl(pre, post, behaviour, inner)(params)
+        assert torch.equal(loss, meta_loss(params)) and torch.equal(kl, meta_kl(params))
+    assert float(meta_kl(moved)) > 0
