@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bilevel import cli
 from bilevel.algorithms._tabular import TaskStatistics, collect_statistics, exact_statistics, sample_statistics
@@ -112,6 +114,33 @@ def test_adaptation_never_lowers_the_regularised_lower_bound(family, meta_logits
     assert gain >= -1e-12
     perturbed = adapted + 0.01 * torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert gain >= regularised_lower_bound_gain(perturbed, meta_logits, *statistics, lam, distance) - 1e-12
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    logits=st.lists(st.floats(-12, 12), min_size=4, max_size=4),
+    advantages=st.lists(st.floats(-2, 2), min_size=4, max_size=4, unique=True),
+    lam=st.floats(1e-3, 3.0),
+)
+def test_d1_follows_the_best_advantage_whatever_its_prior_where_d2_weighs_the_prior(logits, advantages, lam):
+    """One state, ``b = argmax_a A(a)``, ``gap(a) = A(b) - A(a)``. D1 (``pi(a) = lambda pi_phi(a) / (mu - A(a))``,
+    ``A(b) < mu <= A(b) + lambda``): ``pi(b) >= 1 - lambda (1 - pi_phi(b)) / min_{a != b} gap(a)`` however small
+    ``pi_phi(b)`` is, and ``pi(a) >= lambda pi_phi(a) / (lambda + gap(a))``. D2: the odds are the prior's times
+    ``exp(gap / lambda)`` exactly, so an action the meta-policy rules out needs a gap of ``lambda log(odds)``."""
+    phi = torch.tensor([logits], dtype=torch.float64)
+    advantage = torch.tensor([advantages], dtype=torch.float64)
+    behaviour = torch.softmax(phi, dim=-1)
+    best = advantage.argmax(dim=-1, keepdim=True)
+    gaps = advantage.gather(-1, best) - advantage
+    smallest_gap = gaps.scatter(-1, best, float("inf")).min(dim=-1).values
+    forward = torch.softmax(forward_kl_adaptation(phi, advantage, lam), dim=-1)
+    best_floor = 1 - lam * (1 - behaviour.gather(-1, best).squeeze(-1)) / smallest_gap
+    assert torch.all(forward.gather(-1, best).squeeze(-1) >= best_floor - 1e-9)
+    assert torch.all(forward >= lam * behaviour / (lam + gaps) * (1 - 1e-9))
+    reverse = torch.log_softmax(reverse_kl_adaptation(phi, advantage, lam), dim=-1)
+    log_odds = reverse - reverse.gather(-1, best)
+    expected = torch.log(behaviour) - torch.log(behaviour.gather(-1, best)) - gaps / lam
+    assert torch.allclose(log_odds, expected, rtol=0, atol=1e-8)
 
 
 def test_d1_and_d2_ignore_the_visitation_weights_of_visited_states(family, meta_logits):
