@@ -89,7 +89,9 @@ __all__ = [
     "adapt",
     "adapt_models",
     "attention_terms",
+    "chosen_adaptation_lr",
     "evaluation_curves",
+    "evaluations",
     "imagine_models",
     "mean_abs_jacobian",
     "meta_loss_and_kl",
@@ -814,41 +816,82 @@ def samples_to_fraction(samples: list[float], returns: list[float], reference: f
     return next((float(n) for n, r in zip(samples, returns, strict=True) if r >= threshold), math.inf)
 
 
-def evaluation_curves(run_dir: str | Path) -> dict[str, tuple[list[float], list[float]]]:
-    """``{perturbation: (samples_k, return_k)}`` from the ``eval*.json`` files of an mbmpo run folder (written by
-    ``bilevel eval RUN --perturb P``; copies with the same contents count once; ``none`` is the training
-    dynamics)."""
+SELECTION_SEED = 1
+"""The evaluation seed of the in-distribution runs that choose the real-data step (`chosen_adaptation_lr`);
+the out-of-distribution meta-test uses seed 0."""
+
+
+def evaluations(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The results of an mbmpo run folder's ``eval*.json`` files (written by ``bilevel eval RUN ...``; copies
+    with the same contents count once)."""
+    return [json.loads(text) for text in sorted({path.read_text() for path in Path(run_dir).glob("eval*.json")})]
+
+
+def _rounds(result: dict[str, Any]) -> list[int]:
+    return sorted(int(k.split("_")[1]) for k in result if k.startswith("return_"))
+
+
+def chosen_adaptation_lr(results: list[dict[str, Any]], seed: int = SELECTION_SEED) -> float | None:
+    """The real-data step chosen in distribution: among the evaluations on the training dynamics with
+    evaluation seed ``seed`` and an explicit ``adaptation_lr`` (``docs/reproductions/min-attention/select-lr.sh``),
+    the step whose mean return after the adapted rounds (``return_1 .. return_K``) is highest; None with
+    fewer than two candidate steps."""
+    criterion = {}
+    for result in results:
+        options = result["options"]
+        if options.get("perturb") is None and options.get("seed", 0) == seed and options.get("adaptation_lr"):
+            criterion[float(options["adaptation_lr"])] = np.mean([result[f"return_{k}"] for k in _rounds(result)[1:]])
+    return max(criterion, key=criterion.__getitem__) if len(criterion) > 1 else None
+
+
+def evaluation_curves(run_dir: str | Path, adaptation_lr: float | str | None = "chosen",
+                      seed: int = 0) -> dict[str, tuple[list[float], list[float]]]:
+    """``{perturbation: (samples_k, return_k)}`` of an mbmpo run folder's evaluations with evaluation seed
+    ``seed`` and real-data step ``adaptation_lr``: None for the training inner step (no ``--adaptation-lr``),
+    a number, or ``"chosen"`` for `chosen_adaptation_lr` of the folder (the training step when none was
+    chosen). ``none`` is the training dynamics."""
+    results = evaluations(run_dir)
+    if adaptation_lr == "chosen":
+        adaptation_lr = chosen_adaptation_lr(results)
     curves = {}
-    for text in sorted({path.read_text() for path in Path(run_dir).glob("eval*.json")}):
-        result = json.loads(text)
-        rounds = sorted(int(k.split("_")[1]) for k in result if k.startswith("return_"))
-        perturbation = str(result["options"].get("perturb") or "none")
+    for result in results:
+        options = result["options"]
+        step = options.get("adaptation_lr")
+        if options.get("seed", 0) != seed or (None if step is None else float(step)) != adaptation_lr:
+            continue
+        rounds = _rounds(result)
+        perturbation = str(options.get("perturb") or "none")
         curves[perturbation] = ([result[f"samples_{k}"] for k in rounds], [result[f"return_{k}"] for k in rounds])
     return curves
 
 
 def ood_summary(run_dirs: list[str | Path], fraction: float = 0.9) -> list[dict[str, Any]]:
-    """Per (alpha, perturbation): the mean over the runs (seeds) of the return before adaptation (``return_0``)
-    and after the last round (``return_last``), and of the real steps each run needed to reach ``fraction``
+    """Per (alpha, perturbation), each run with its chosen real-data step (`chosen_adaptation_lr`, else the
+    training step; ``adaptation_lr`` names them): the mean over the runs (seeds) of the return before
+    adaptation (``return_0``) and after the last round (``return_last``), and of the real steps each run needed
+    to reach ``fraction``
     of its own in-distribution return (``return_0`` of its ``none`` evaluation; `samples_to_fraction`), with
     the number of runs that never reached it (``not_reached``, excluded from ``samples_to_fraction``, which is
     ``inf`` when no run reached it). Runs without a ``none`` evaluation are skipped."""
     from bilevel.runs.folder import RunFolder
 
-    cells: dict[tuple[float, str], list[tuple[float, float, float]]] = {}
+    cells: dict[tuple[float, str], list[tuple[float, float, float, float | None]]] = {}
     for run_dir in run_dirs:
         _, config = RunFolder(run_dir).read_config()
-        curves = evaluation_curves(run_dir)
+        step = chosen_adaptation_lr(evaluations(run_dir))
+        curves = evaluation_curves(run_dir, step)
         if "none" not in curves:
             continue
         reference = curves["none"][1][0]
         for perturbation, (samples, returns) in curves.items():
             cells.setdefault((float(config["attention_weight"]), perturbation), []).append(
-                (returns[0], returns[-1], samples_to_fraction(samples, returns, reference, fraction)))
+                (returns[0], returns[-1], samples_to_fraction(samples, returns, reference, fraction), step))
     rows = []
     for (alpha, perturbation), values in sorted(cells.items()):
-        reached = [n for _, _, n in values if math.isfinite(n)]
+        reached = [n for _, _, n, _ in values if math.isfinite(n)]
+        steps = sorted({"training" if v[3] is None else f"{v[3]:g}" for v in values})
         rows.append({"alpha": alpha, "perturbation": perturbation, "runs": len(values),
+                     "adaptation_lr": ", ".join(steps),
                      "return_0": float(np.mean([v[0] for v in values])),
                      "return_last": float(np.mean([v[1] for v in values])),
                      "samples_to_fraction": float(np.mean(reached)) if reached else math.inf,
@@ -858,13 +901,15 @@ def ood_summary(run_dirs: list[str | Path], fraction: float = 0.9) -> list[dict[
 
 def ood_markdown(rows: list[dict[str, Any]], fraction: float = 0.9) -> str:
     """`ood_summary` rows as a Markdown table."""
-    lines = [f"| alpha | perturbation | runs | return before adaptation | return after the last round | "
-             f"real steps to {fraction:.0%} of the in-distribution return |", "|---:|---|---:|---:|---:|---|"]
+    lines = [f"| alpha | perturbation | runs | real-data step | return before adaptation | return after the last "
+             f"round | real steps to {fraction:.0%} of the in-distribution return |",
+             "|---:|---|---:|---|---:|---:|---|"]
     for row in rows:
         steps = "not reached" if math.isinf(row["samples_to_fraction"]) else f"{row['samples_to_fraction']:,.0f}"
         if row["not_reached"] and not math.isinf(row["samples_to_fraction"]):
             steps += f" ({row['not_reached']} of {row['runs']} runs not reached)"
-        lines.append(f"| {row['alpha']:g} | {row['perturbation']} | {row['runs']} | {row['return_0']:.1f} | "
+        lines.append(f"| {row['alpha']:g} | {row['perturbation']} | {row['runs']} | {row['adaptation_lr']} | "
+                     f"{row['return_0']:.1f} | "
                      f"{row['return_last']:.1f} | {steps} |")
     return "\n".join(lines) + "\n"
 
@@ -876,8 +921,8 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
       (mean and standard deviation over seeds);
     - ``adaptation.png``: return against adaptation samples from each run's ``eval*.json`` (written by
       ``bilevel eval RUN --perturb ...``; copy ``eval.json`` to ``eval-PERTURB.json`` to keep several; files
-      with the same contents count once),
-      one panel per perturbation, one line per alpha (mean over seeds);
+      with the same contents count once), evaluation seed 0 with the run's chosen real-data step
+      (`evaluation_curves`), one panel per perturbation, one line per alpha (mean over seeds);
     - ``ood.md``: `ood_summary` as a table (runs with a ``none`` evaluation);
     - ``jacobian_heatmap.png``: ``mean |d mu / d s|`` (action x state) of the meta-policy for alpha = 0 and the
       largest alpha, from the runs' checkpoints.

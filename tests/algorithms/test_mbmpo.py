@@ -224,8 +224,8 @@ def test_bilevel_plot_draws_the_mbmpo_figures(runs, tmp_path, capsys):
         assert str(out.parent / name) in printed
     table = (out.parent / "ood.md").read_text().splitlines()
     cells = [[cell.strip() for cell in row.split("|")[1:-1]] for row in table[2:]]
-    assert [row[:3] for row in cells] == [["0.5", "mass", "1"], ["0.5", "none", "1"]]
-    assert cells[1][5] == "0", "the in-distribution run reaches 90% of its own return before adaptation"
+    assert [row[:4] for row in cells] == [["0.5", "mass", "1", "training"], ["0.5", "none", "1", "training"]]
+    assert cells[1][6] == "0", "the in-distribution run reaches 90% of its own return before adaptation"
 
 
 @given(returns=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=8),
@@ -308,3 +308,43 @@ def test_line_search_objective_is_meta_objectives_in_one_pass(alpha):
         loss, kl = meta_loss_and_kl(pre, post, behaviour, inner)(params)
         assert torch.equal(loss, meta_loss(params)) and torch.equal(kl, meta_kl(params))
     assert float(meta_kl(moved)) > 0
+
+
+def _evaluation(perturb, returns, seed=None, adaptation_lr=None):
+    options = {"perturb": perturb, "episodes": 5, "adaptation_episodes": 5, "adaptation_steps": len(returns) - 1}
+    options.update({k: v for k, v in (("seed", seed), ("adaptation_lr", adaptation_lr)) if v is not None})
+    result = {"options": options, "adaptation_lr": adaptation_lr or 0.1}
+    for k, value in enumerate(returns):
+        result.update({f"return_{k}": value, f"samples_{k}": 1000.0 * k})
+    return result
+
+
+def test_the_chosen_step_is_the_best_in_distribution_and_the_curves_use_only_its_evaluations(tmp_path):
+    """Selection reads only training-dynamics evaluations at the selection seed (mean return after the
+    adapted rounds; the in-distribution return before adaptation and the other seeds do not count),
+    and the out-of-distribution curves are those of seed 0 with the chosen step."""
+    from bilevel.algorithms.mbmpo import SELECTION_SEED, chosen_adaptation_lr, evaluation_curves, evaluations
+
+    files = {
+        "eval-select-lr0.1": _evaluation(None, [300.0, 900.0, 100.0, 100.0], SELECTION_SEED, 0.1),  # mean 366.7
+        "eval-select-lr0.05": _evaluation(None, [300.0, 400.0, 500.0, 600.0], SELECTION_SEED, 0.05),  # mean 500
+        "eval-select-lr0.02": _evaluation(None, [999.0, 350.0, 400.0, 450.0], SELECTION_SEED, 0.02),  # mean 400
+        "eval-seed2-lr0.01": _evaluation(None, [300.0, 990.0, 990.0, 990.0], 2, 0.01),
+        "eval-mass-seed1-lr0.01": _evaluation("mass", [300.0, 990.0, 990.0, 990.0], SELECTION_SEED, 0.01),
+        "eval-None": _evaluation(None, [310.0, 320.0, 330.0, 340.0]),
+        "eval-mass": _evaluation("mass", [200.0, 210.0, 220.0, 230.0]),
+        "eval-lr0.05-None": _evaluation(None, [310.0, 420.0, 530.0, 640.0], adaptation_lr=0.05),
+        "eval-lr0.05-mass": _evaluation("mass", [200.0, 300.0, 400.0, 500.0], adaptation_lr=0.05),
+        "eval-lr0.02-mass": _evaluation("mass", [200.0, 250.0, 260.0, 270.0], adaptation_lr=0.02),
+    }
+    for name, result in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    assert chosen_adaptation_lr(evaluations(tmp_path)) == 0.05
+    assert evaluation_curves(tmp_path) == {"none": ([0.0, 1000.0, 2000.0, 3000.0], [310.0, 420.0, 530.0, 640.0]),
+                                           "mass": ([0.0, 1000.0, 2000.0, 3000.0], [200.0, 300.0, 400.0, 500.0])}
+    assert evaluation_curves(tmp_path, None)["mass"][1] == [200.0, 210.0, 220.0, 230.0]
+    assert evaluation_curves(tmp_path, 0.02) == {"mass": ([0.0, 1000.0, 2000.0, 3000.0], [200.0, 250.0, 260.0, 270.0])}
+    for name in ("eval-select-lr0.1", "eval-select-lr0.02"):
+        (tmp_path / f"{name}.json").unlink()
+    assert chosen_adaptation_lr(evaluations(tmp_path)) is None, "one candidate is no choice"
+    assert evaluation_curves(tmp_path)["mass"][1] == [200.0, 210.0, 220.0, 230.0]
