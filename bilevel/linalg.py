@@ -27,6 +27,7 @@ __all__ = [
     "LinearSolver",
     "SolveInfo",
     "conjugate_gradient",
+    "gauss_newton_vector_operator",
     "hessian_vector_operator",
     "hvp",
     "make_solver",
@@ -287,6 +288,38 @@ def hessian_vector_operator(
 
         return forward_product
     raise ValueError(f"`mode` must be 'forward-over-reverse' or 'reverse-over-reverse'; got {mode!r}")
+
+
+def gauss_newton_vector_operator(
+    outputs_fn: Callable[..., Tree],
+    output_loss_fn: Callable[[Tree], Tensor],
+    params: Tree,
+    *args: Any,
+) -> MatVec:
+    """The Gauss-Newton operator ``v -> J^T H J v`` of ``f = output_loss_fn(outputs_fn(params, *args))`` at
+    ``params``, for repeated use (a conjugate-gradient solve).
+
+    ``y = outputs_fn(params, *args)`` is a tree of outputs (a policy's mean ``[..., A]`` and log-std),
+    ``J = dy / d params`` its Jacobian and ``H = d^2 output_loss_fn / dy^2`` the output loss's Hessian at ``y``.
+    Since ``d^2 f / d params^2 = J^T H J + sum_k (d output_loss_fn / dy_k) d^2 y_k / d params^2``, the operator
+    equals the Hessian-vector product of ``f`` wherever ``output_loss_fn`` has zero gradient at ``y``: the
+    mean KL ``KL(pi_old || pi_y)`` at ``pi_y = pi_old``, where it is the Fisher-vector product of TRPO. It is
+    symmetric, and positive semi-definite when ``H`` is (a convex output loss).
+
+    Linearised once: one ``vjp`` of ``outputs_fn`` (kept for ``J^T``) and one of the output loss's gradient
+    (`hessian_vector_operator` on ``y``, for ``H``); each product is then ``J v`` by one ``jvp`` through
+    ``outputs_fn``, ``H (J v)`` in output space and ``J^T (H J v)`` by the kept vjp. When ``outputs_fn`` contains
+    an inner gradient step (MAML), this differentiates it once fewer than the exact Hessian-vector product.
+    ``output_loss_fn(y)`` must return a scalar."""
+    outputs, vjp_fn = torch.func.vjp(lambda p: outputs_fn(p, *args), params)
+    output_hvp = hessian_vector_operator(scalar_valued(output_loss_fn, "output_loss_fn"), outputs)
+
+    def product(v: Tree) -> Tree:
+        tree.check_same_structure(params, v, ("params", "v"))
+        jv = torch.func.jvp(lambda p: outputs_fn(p, *args), (params,), (v,))[1]
+        return vjp_fn(output_hvp(jv))[0]
+
+    return product
 
 
 def hvp(

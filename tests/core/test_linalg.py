@@ -1,14 +1,16 @@
-"""Conjugate gradient, the other linear solvers, and Hessian-vector products."""
+"""Conjugate gradient, the other linear solvers, Hessian-vector and Gauss-Newton products."""
 
 import itertools
 
 import hypothesis.strategies as st
 import pytest
 import torch
+import torchopt
 from hypothesis import given, settings
 
-from bilevel import conjugate_gradient, hvp, tree
-from bilevel.linalg import hessian_vector_operator, make_solver, minres
+from bilevel import conjugate_gradient, hvp, tree, unroll
+from bilevel.linalg import gauss_newton_vector_operator, hessian_vector_operator, make_solver, minres
+from bilevel.nets import gaussian_kl
 
 DTYPE = torch.float64
 
@@ -164,3 +166,111 @@ def test_bad_arguments_are_named():
         hvp(lambda p: p["a"].sum(), {"a": torch.ones(2)}, {"b": torch.ones(2)})
     with pytest.raises(ValueError, match="rmatvec"):
         make_solver("normal_cg")(lambda v: v, torch.ones(2))
+
+
+def gaussian_mlp_kl_problem(seed: int, inner_steps: int):
+    """A tanh-MLP Gaussian policy ``N(mu_theta'(s), exp(log_std'))`` on 16 states, ``theta'`` after ``inner_steps``
+    policy-gradient steps on a second batch; ``outputs_fn(theta) = (mu [16, 2], log_std [2])`` and
+    ``kl(y) = mean_s KL(pi_old(.|s) || N(y))`` with ``pi_old`` the policy at the returned ``theta``."""
+    g = torch.Generator().manual_seed(seed)
+    params = {"w1": 0.5 * torch.randn(5, 3, generator=g, dtype=DTYPE), "b1": 0.1 * torch.randn(5, generator=g,
+                                                                                              dtype=DTYPE),
+              "w2": 0.5 * torch.randn(2, 5, generator=g, dtype=DTYPE), "b2": torch.zeros(2, dtype=DTYPE),
+              "log_std": -0.5 + 0.1 * torch.randn(2, generator=g, dtype=DTYPE)}
+    obs, inner_obs = torch.randn(16, 3, generator=g, dtype=DTYPE), torch.randn(16, 3, generator=g, dtype=DTYPE)
+    inner_actions = torch.randn(16, 2, generator=g, dtype=DTYPE)
+    inner_advantages = torch.randn(16, generator=g, dtype=DTYPE)
+
+    def mean(p, states):
+        return torch.tanh(states @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
+
+    def adapted(p):
+        def pg_loss(q):
+            log_prob = torch.distributions.Normal(mean(q, inner_obs), q["log_std"].exp()).log_prob(inner_actions)
+            return -(log_prob.sum(-1) * inner_advantages).mean()
+
+        return unroll(pg_loss, p, torchopt.sgd(0.3), inner_steps)
+
+    def outputs_fn(p):
+        q = adapted(p)
+        return mean(q, obs), q["log_std"]
+
+    old_mean, old_log_std = tree.detach(outputs_fn(params))
+
+    def kl_of_outputs(y):
+        return gaussian_kl(old_mean, old_log_std, y[0], y[1]).mean()
+
+    return params, outputs_fn, kl_of_outputs
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31), inner_steps=st.sampled_from([0, 1]))
+def test_gauss_newton_equals_the_kl_hessian_at_the_old_policy(seed, inner_steps):
+    """At ``theta_old`` the KL's output gradient vanishes, so ``J^T H J v`` is the exact Hessian-vector product of
+    ``theta -> KL(outputs_fn(theta))``, with or without a (MAML) inner step inside ``outputs_fn``."""
+    params, outputs_fn, kl_of_outputs = gaussian_mlp_kl_problem(seed, inner_steps)
+    exact = hessian_vector_operator(lambda p: kl_of_outputs(outputs_fn(p)), params)
+    gauss_newton = gauss_newton_vector_operator(outputs_fn, kl_of_outputs, params)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(2):
+        v = tree.map(lambda x: torch.randn(x.shape, generator=g, dtype=DTYPE), params)
+        torch.testing.assert_close(tree.ravel(gauss_newton(v))[0], tree.ravel(exact(v))[0], rtol=1e-10,
+                                   atol=1e-12)
+
+
+def test_gauss_newton_equals_the_dense_jacobian_product_away_from_a_minimum():
+    """``J^T H J`` from ``jacrev`` and ``hessian``, at a point where the output loss's gradient is not zero (so
+    it differs from the full Hessian); extra ``args`` reach ``outputs_fn``."""
+    g = torch.Generator().manual_seed(3)
+    params = {"a": torch.randn(3, generator=g, dtype=DTYPE), "b": torch.randn(2, generator=g, dtype=DTYPE)}
+    x = torch.randn(4, 3, generator=g, dtype=DTYPE)
+
+    def outputs_fn(p, inputs):
+        return {"u": torch.sin(inputs @ p["a"]) * p["b"][0], "w": p["b"] ** 3 + p["a"][:2] * p["b"]}
+
+    def output_loss(y):
+        return (y["u"] ** 4).sum() + torch.cos(y["w"]).sum() + y["u"].sum() * y["w"].prod()
+
+    flat, unravel = tree.ravel(params)
+    outputs, unravel_out = tree.ravel(outputs_fn(params, x))
+    jacobian = torch.func.jacrev(lambda z: tree.ravel(outputs_fn(unravel(z), x))[0])(flat)
+    output_hessian = torch.func.hessian(lambda y: output_loss(unravel_out(y)))(outputs)
+    dense = jacobian.T @ output_hessian @ jacobian
+    full = torch.func.hessian(lambda z: output_loss(outputs_fn(unravel(z), x)))(flat)
+    assert not torch.allclose(dense, full)
+    operator = gauss_newton_vector_operator(outputs_fn, output_loss, params, x)
+    for _ in range(3):
+        v = torch.randn(flat.shape, generator=g, dtype=DTYPE)
+        torch.testing.assert_close(tree.ravel(operator(unravel(v)))[0], dense @ v, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31))
+def test_gauss_newton_is_symmetric_positive_semidefinite_for_a_convex_output_loss(seed):
+    """The matrix of ``J^T H J`` for a convex output loss (log-sum-exp plus a squared norm), materialised column by
+    column, is symmetric with eigenvalues ``>= 0`` (to rounding), though ``outputs_fn`` is not linear."""
+    g = torch.Generator().manual_seed(seed)
+    params = {"w": torch.randn(4, 3, generator=g, dtype=DTYPE), "c": torch.randn(4, generator=g, dtype=DTYPE)}
+    x = torch.randn(6, 3, generator=g, dtype=DTYPE)
+
+    def outputs_fn(p):
+        return torch.tanh(x @ p["w"].T + p["c"])
+
+    def output_loss(y):
+        return torch.logsumexp(y, dim=-1).sum() + 0.1 * (y**2).sum()
+
+    flat, unravel = tree.ravel(params)
+    operator = gauss_newton_vector_operator(outputs_fn, output_loss, params)
+    matrix = torch.stack([tree.ravel(operator(unravel(e)))[0] for e in torch.eye(flat.numel(), dtype=DTYPE)], 1)
+    torch.testing.assert_close(matrix, matrix.T, rtol=1e-10, atol=1e-12)
+    eigenvalues = torch.linalg.eigvalsh(matrix)
+    assert float(eigenvalues.min()) >= -1e-10 * max(1.0, float(eigenvalues.max()))
+
+
+def test_gauss_newton_bad_arguments_are_named():
+    params = {"a": torch.ones(2, dtype=DTYPE)}
+    with pytest.raises(ValueError, match="output_loss_fn"):
+        gauss_newton_vector_operator(lambda p: p["a"] * 2, lambda y: y, params)
+    operator = gauss_newton_vector_operator(lambda p: p["a"] * 2, lambda y: (y**2).sum(), params)
+    with pytest.raises(ValueError, match="params"):
+        operator({"b": torch.ones(2, dtype=DTYPE)})
