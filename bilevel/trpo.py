@@ -11,20 +11,26 @@ The Fisher-vector product ``F v`` is the Hessian-vector product of ``kl_fn``
 (`bilevel.linalg.hessian_vector_operator`: by default the gradient of the KL is
 taken once and each product is a vjp through it; forward-over-reverse on request),
 so ``loss_fn`` and ``kl_fn`` may contain an inner adaptation (MAML-TRPO): the
-product then differentiates to third order.
+product then differentiates to third order. With ``hvp_mode="gauss-newton"`` and
+``kl_fn = output_kl_fn o outputs_fn`` it is ``J^T H J v``
+(`bilevel.linalg.gauss_newton_vector_operator`; ``J`` the Jacobian of the policy's
+distribution parameters, ``H`` the KL's Hessian in their space): the same matrix,
+since the KL's gradient in output space vanishes at ``theta_old``, with one order of
+differentiation fewer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from bilevel import tree
 from bilevel._checks import scalar_valued
-from bilevel.linalg import SolveInfo, conjugate_gradient, hessian_vector_operator
+from bilevel.linalg import SolveInfo, conjugate_gradient, gauss_newton_vector_operator, hessian_vector_operator
 from bilevel.tree import Tree
 
 __all__ = ["TRPOInfo", "TRPOSettings", "trpo_step"]
@@ -70,6 +76,24 @@ def _check(max_kl: float, cg_iters: int, damping: float, backtrack_ratio: float,
         raise ValueError(f"`max_backtracks` must be an int >= 1; got {max_backtracks!r}")
 
 
+HVP_MODES = ("reverse-over-reverse", "forward-over-reverse", "gauss-newton")
+
+
+def _check_fisher(hvp_mode: str, outputs_fn: Callable[..., Any] | None,
+                  output_kl_fn: Callable[..., Any] | None) -> None:
+    if hvp_mode not in HVP_MODES:
+        raise ValueError(f"`hvp_mode` must be one of {list(HVP_MODES)}; got {hvp_mode!r}")
+    given = {"outputs_fn": outputs_fn, "output_kl_fn": output_kl_fn}
+    if hvp_mode == "gauss-newton":
+        for name, fn in given.items():
+            if not callable(fn):
+                raise ValueError(f"hvp_mode 'gauss-newton' needs `{name}` (a callable); got {fn!r}")
+    else:
+        for name, fn in given.items():
+            if fn is not None:
+                raise ValueError(f"`{name}` applies only with hvp_mode 'gauss-newton'; got hvp_mode {hvp_mode!r}")
+
+
 def trpo_step(
     loss_fn: Callable[[Tree], Tensor],
     kl_fn: Callable[[Tree], Tensor],
@@ -82,6 +106,8 @@ def trpo_step(
     max_backtracks: int = 15,
     hvp_mode: str = "reverse-over-reverse",
     loss_and_kl_fn: Callable[[Tree], tuple[Tensor, Tensor]] | None = None,
+    outputs_fn: Callable[[Tree], Tree] | None = None,
+    output_kl_fn: Callable[[Tree], Tensor] | None = None,
 ) -> tuple[Tree, TRPOInfo]:
     """One TRPO update of ``params``.
 
@@ -97,8 +123,15 @@ def trpo_step(
         damping: added to ``F`` for the solve.
         backtrack_ratio: the line search's ratio ``rho``: it tries ``rho^j`` of the full step.
         max_backtracks: the line search tries ``j = 0, ..., max_backtracks - 1``.
-        hvp_mode: how Fisher-vector products are formed (see
-            `bilevel.linalg.hessian_vector_operator`).
+        hvp_mode: how Fisher-vector products are formed: ``"reverse-over-reverse"`` or
+            ``"forward-over-reverse"``, the Hessian of ``kl_fn`` (see
+            `bilevel.linalg.hessian_vector_operator`), or ``"gauss-newton"``, ``J^T H J v`` through
+            ``outputs_fn`` and ``output_kl_fn`` (see `bilevel.linalg.gauss_newton_vector_operator`).
+        outputs_fn: for ``"gauss-newton"`` only: ``params -> y``, the tree of the policy's distribution
+            parameters on the KL's states (e.g. ``(mean [..., A], log_std [A])``, after any inner adaptation).
+        output_kl_fn: for ``"gauss-newton"`` only: ``y -> scalar`` with ``output_kl_fn(outputs_fn(p)) ==
+            kl_fn(p)``; its gradient must vanish at ``outputs_fn(params)`` (the KL from the data-collecting
+            policy) for the products to equal the exact ones.
         loss_and_kl_fn: ``params -> (loss_fn(params), kl_fn(params))`` in one evaluation, for the
             line search's candidates, when the two share work (an inner adaptation, a forward pass);
             it must return the same numbers. Default: the two functions called in turn.
@@ -108,10 +141,14 @@ def trpo_step(
         step both lowered the loss and kept the KL within ``max_kl``.
     """
     _check(max_kl, cg_iters, damping, backtrack_ratio, max_backtracks)
+    _check_fisher(hvp_mode, outputs_fn, output_kl_fn)
     params = tree.detach(params)
     grads, loss_before = torch.func.grad_and_value(scalar_valued(loss_fn, "loss_fn"))(params)
 
-    fisher_vector_product = hessian_vector_operator(kl_fn, params, mode=hvp_mode)
+    if hvp_mode == "gauss-newton":
+        fisher_vector_product = gauss_newton_vector_operator(outputs_fn, output_kl_fn, params)
+    else:
+        fisher_vector_product = hessian_vector_operator(kl_fn, params, mode=hvp_mode)
     direction, cg_info = conjugate_gradient(fisher_vector_product, grads, max_iter=cg_iters, damping=damping)
     curvature = tree.dot(direction, fisher_vector_product(direction))
     beta = torch.sqrt(2.0 * max_kl / torch.clamp(curvature, min=torch.finfo(curvature.dtype).tiny))

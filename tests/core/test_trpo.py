@@ -13,10 +13,11 @@ DTYPE = torch.float64
 OBS, ACT, N = 3, 2, 64
 
 
-def gaussian_policy_problem(seed: int, inner_steps: int = 0):
+def gaussian_policy_problem(seed: int, inner_steps: int = 0, *, outputs: bool = False):
     """A linear-Gaussian policy a ~ N(W s + c, exp(log_std)); the loss is the
     importance-weighted surrogate, optionally after `inner_steps` policy-gradient
-    steps on a second batch (MAML-TRPO)."""
+    steps on a second batch (MAML-TRPO). With ``outputs`` also the Gauss-Newton pair:
+    ``outputs_fn(p) = (mean [N, ACT], std [ACT])`` and the KL as a function of them."""
     g = torch.Generator().manual_seed(seed)
     params = {"W": 0.3 * torch.randn(ACT, OBS, generator=g, dtype=DTYPE),
               "c": torch.zeros(ACT, dtype=DTYPE),
@@ -44,7 +45,17 @@ def gaussian_policy_problem(seed: int, inner_steps: int = 0):
     def kl_fn(p):
         return kl_divergence(old_detached, dist(adapt(p), obs)).sum(-1).mean()
 
-    return params, loss_fn, kl_fn
+    if not outputs:
+        return params, loss_fn, kl_fn
+
+    def outputs_fn(p):
+        new = dist(adapt(p), obs)
+        return new.loc, new.scale
+
+    def output_kl_fn(y):
+        return kl_divergence(old_detached, Normal(*y)).sum(-1).mean()
+
+    return params, loss_fn, kl_fn, outputs_fn, output_kl_fn
 
 
 @settings(max_examples=15, deadline=None)
@@ -58,16 +69,18 @@ def test_accepted_step_respects_the_trust_region(seed, max_kl):
     assert info.loss_after == pytest.approx(float(loss_fn(new_params)))
 
 
-@pytest.mark.parametrize("hvp_mode", ["reverse-over-reverse", "forward-over-reverse"])
+@pytest.mark.parametrize("hvp_mode", ["reverse-over-reverse", "forward-over-reverse", "gauss-newton"])
 @pytest.mark.parametrize("inner_steps", [0, 1], ids=["trpo", "maml-trpo"])
 def test_direction_is_the_natural_gradient(inner_steps, hvp_mode):
-    params, loss_fn, kl_fn = gaussian_policy_problem(11, inner_steps)
+    params, loss_fn, kl_fn, outputs_fn, output_kl_fn = gaussian_policy_problem(11, inner_steps, outputs=True)
+    fisher_options = {"outputs_fn": outputs_fn, "output_kl_fn": output_kl_fn} if hvp_mode == "gauss-newton" else {}
     flat, unravel = tree.ravel(params)
     fisher = torch.func.hessian(lambda x: kl_fn(unravel(x)))(flat)
     gradient = torch.func.grad(lambda x: loss_fn(unravel(x)))(flat)
     natural = torch.linalg.solve(fisher, gradient)
     max_kl = 1e-3
-    new_params, info = trpo_step(loss_fn, kl_fn, params, max_kl=max_kl, cg_iters=40, damping=0.0, hvp_mode=hvp_mode)
+    new_params, info = trpo_step(loss_fn, kl_fn, params, max_kl=max_kl, cg_iters=40, damping=0.0, hvp_mode=hvp_mode,
+                                 **fisher_options)
     assert info.accepted
     step = flat - tree.ravel(new_params)[0]
     expected = info.step_fraction * torch.sqrt(2 * max_kl / (gradient @ natural)) * natural
@@ -97,6 +110,28 @@ def test_bad_arguments_are_named():
             trpo_step(loss_fn, kl_fn, params, **{name: value})
     with pytest.raises(ValueError, match="loss_fn"):
         trpo_step(lambda p: p["c"] * 2, kl_fn, params)
+    with pytest.raises(ValueError, match=r"hvp_mode.*'fast'"):
+        trpo_step(loss_fn, kl_fn, params, hvp_mode="fast")
+    with pytest.raises(ValueError, match="outputs_fn"):
+        trpo_step(loss_fn, kl_fn, params, hvp_mode="gauss-newton", output_kl_fn=kl_fn)
+    with pytest.raises(ValueError, match="output_kl_fn"):
+        trpo_step(loss_fn, kl_fn, params, hvp_mode="gauss-newton", outputs_fn=lambda p: p)
+    with pytest.raises(ValueError, match=r"outputs_fn.*reverse-over-reverse"):
+        trpo_step(loss_fn, kl_fn, params, outputs_fn=lambda p: p)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31), inner_steps=st.sampled_from([0, 1]))
+def test_gauss_newton_step_equals_the_exact_step(seed, inner_steps):
+    """The whole step (direction, scale, line search) with Gauss-Newton Fisher products equals the exact one in
+    float64, with and without an inner adaptation."""
+    params, loss_fn, kl_fn, outputs_fn, output_kl_fn = gaussian_policy_problem(seed, inner_steps, outputs=True)
+    exact, exact_info = trpo_step(loss_fn, kl_fn, params, max_kl=0.01)
+    gauss_newton, info = trpo_step(loss_fn, kl_fn, params, max_kl=0.01, hvp_mode="gauss-newton",
+                                   outputs_fn=outputs_fn, output_kl_fn=output_kl_fn)
+    assert info.accepted == exact_info.accepted and info.backtracks == exact_info.backtracks
+    torch.testing.assert_close(tree.ravel(gauss_newton)[0], tree.ravel(exact)[0], rtol=1e-9, atol=1e-12)
+    assert info.loss_after == pytest.approx(exact_info.loss_after, rel=1e-9, abs=1e-14)
 
 
 def test_settings_give_trpo_step_keywords_and_name_a_bad_value():
