@@ -204,13 +204,13 @@ def gaussian_mlp_kl_problem(seed: int, inner_steps: int):
 
 
 @settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 2**31), inner_steps=st.sampled_from([0, 1]))
-def test_gauss_newton_equals_the_kl_hessian_at_the_old_policy(seed, inner_steps):
+@given(seed=st.integers(0, 2**31), inner_steps=st.sampled_from([0, 1]), mode=st.sampled_from(["reverse", "forward"]))
+def test_gauss_newton_equals_the_kl_hessian_at_the_old_policy(seed, inner_steps, mode):
     """At ``theta_old`` the KL's output gradient vanishes, so ``J^T H J v`` is the exact Hessian-vector product of
     ``theta -> KL(outputs_fn(theta))``, with or without a (MAML) inner step inside ``outputs_fn``."""
     params, outputs_fn, kl_of_outputs = gaussian_mlp_kl_problem(seed, inner_steps)
     exact = hessian_vector_operator(lambda p: kl_of_outputs(outputs_fn(p)), params)
-    gauss_newton = gauss_newton_vector_operator(outputs_fn, kl_of_outputs, params)
+    gauss_newton = gauss_newton_vector_operator(outputs_fn, kl_of_outputs, params, mode=mode)
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(2):
         v = tree.map(lambda x: torch.randn(x.shape, generator=g, dtype=DTYPE), params)
@@ -218,7 +218,8 @@ def test_gauss_newton_equals_the_kl_hessian_at_the_old_policy(seed, inner_steps)
                                    atol=1e-12)
 
 
-def test_gauss_newton_equals_the_dense_jacobian_product_away_from_a_minimum():
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_gauss_newton_equals_the_dense_jacobian_product_away_from_a_minimum(mode):
     """``J^T H J`` from ``jacrev`` and ``hessian``, at a point where the output loss's gradient is not zero (so
     it differs from the full Hessian); extra ``args`` reach ``outputs_fn``."""
     g = torch.Generator().manual_seed(3)
@@ -238,15 +239,15 @@ def test_gauss_newton_equals_the_dense_jacobian_product_away_from_a_minimum():
     dense = jacobian.T @ output_hessian @ jacobian
     full = torch.func.hessian(lambda z: output_loss(outputs_fn(unravel(z), x)))(flat)
     assert not torch.allclose(dense, full)
-    operator = gauss_newton_vector_operator(outputs_fn, output_loss, params, x)
+    operator = gauss_newton_vector_operator(outputs_fn, output_loss, params, x, mode=mode)
     for _ in range(3):
         v = torch.randn(flat.shape, generator=g, dtype=DTYPE)
         torch.testing.assert_close(tree.ravel(operator(unravel(v)))[0], dense @ v, rtol=1e-10, atol=1e-12)
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**31))
-def test_gauss_newton_is_symmetric_positive_semidefinite_for_a_convex_output_loss(seed):
+@given(seed=st.integers(0, 2**31), mode=st.sampled_from(["reverse", "forward"]))
+def test_gauss_newton_is_symmetric_positive_semidefinite_for_a_convex_output_loss(seed, mode):
     """The matrix of ``J^T H J`` for a convex output loss (log-sum-exp plus a squared norm), materialised column by
     column, is symmetric with eigenvalues ``>= 0`` (to rounding), though ``outputs_fn`` is not linear."""
     g = torch.Generator().manual_seed(seed)
@@ -260,7 +261,7 @@ def test_gauss_newton_is_symmetric_positive_semidefinite_for_a_convex_output_los
         return torch.logsumexp(y, dim=-1).sum() + 0.1 * (y**2).sum()
 
     flat, unravel = tree.ravel(params)
-    operator = gauss_newton_vector_operator(outputs_fn, output_loss, params)
+    operator = gauss_newton_vector_operator(outputs_fn, output_loss, params, mode=mode)
     matrix = torch.stack([tree.ravel(operator(unravel(e)))[0] for e in torch.eye(flat.numel(), dtype=DTYPE)], 1)
     torch.testing.assert_close(matrix, matrix.T, rtol=1e-10, atol=1e-12)
     eigenvalues = torch.linalg.eigvalsh(matrix)
@@ -274,3 +275,5 @@ def test_gauss_newton_bad_arguments_are_named():
     operator = gauss_newton_vector_operator(lambda p: p["a"] * 2, lambda y: (y**2).sum(), params)
     with pytest.raises(ValueError, match="params"):
         operator({"b": torch.ones(2, dtype=DTYPE)})
+    with pytest.raises(ValueError, match=r"mode.*'jvp'"):
+        gauss_newton_vector_operator(lambda p: p["a"] * 2, lambda y: (y**2).sum(), params, mode="jvp")
