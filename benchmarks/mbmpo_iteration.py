@@ -18,8 +18,10 @@ HalfCheetah, 5000 random steps, 15 meta-steps, 20 imagined trajectories, 4 episo
 thread. ``--resume RUN`` times the iteration after a run's last checkpoint instead (its data size, so a late
 iteration's model fit). ``--repeats`` reruns the same iteration from the same state.
 
-Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mbmpo_iteration.py [--alpha 0.05] [--resume RUN]``;
-to compare two versions of the package, run it with ``PYTHONPATH`` pointing at each, alternately.
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mbmpo_iteration.py [--alpha 0.05] [--resume RUN]
+[--fisher-product exact|gauss-newton]``; to compare two versions of the package, or the two Fisher products
+(timed as ``trpo.linearise`` / ``trpo.fvp`` either way), run it with ``PYTHONPATH`` pointing at each, or with each
+``--fisher-product``, alternately.
 """
 
 from __future__ import annotations
@@ -132,6 +134,8 @@ def instrument(timer: PhaseTimer) -> contextlib.ExitStack:
         return operator
 
     patch(bilevel.trpo, "hessian_vector_operator", timed_operator)
+    if hasattr(bilevel.trpo, "gauss_newton_vector_operator"):
+        patch(bilevel.trpo, "gauss_newton_vector_operator", timed_operator)
 
     def timed_trpo(original: Callable[..., Any]) -> Callable[..., Any]:
         def step(loss_fn: Callable[..., Any], kl_fn: Callable[..., Any], params: Any, **kwargs: Any) -> Any:
@@ -165,6 +169,8 @@ def build(args: argparse.Namespace) -> mbmpo.MBMPO:
         _, learner = load_learner(args.resume, device="cpu")
         return learner
     values = {**REPRODUCTION, "seed": args.seed, "attention_weight": args.alpha, "iterations": 1}
+    if args.fisher_product is not None:
+        values["fisher_product"] = args.fisher_product
     return _build("mbmpo", make_config("mbmpo", values))
 
 
@@ -172,6 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--alpha", type=float, default=0.0, help="attention_weight of a fresh run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fisher-product", default=None, help="fisher_product of a fresh run (default: the config's)")
     parser.add_argument("--resume", default=None, help="time the iteration after this run's last checkpoint")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the phases and metrics here")

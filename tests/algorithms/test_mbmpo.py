@@ -19,6 +19,7 @@ from bilevel.algorithms.mbmpo import (
     attention_terms,
     behaviour_of,
     imagine_models,
+    meta_kl_outputs,
     meta_loss_and_kl,
     meta_objectives,
     meta_update,
@@ -27,6 +28,7 @@ from bilevel.algorithms.mbmpo import (
     samples_to_fraction,
 )
 from bilevel.envs.rewards import half_cheetah_reward
+from bilevel.linalg import gauss_newton_vector_operator, hessian_vector_operator
 from bilevel.nets import GaussianMLPPolicy, ProbabilisticEnsemble
 from bilevel.rl.meta_batches import TaskData
 from bilevel.runs.loop import evaluate_run, load_learner
@@ -308,6 +310,37 @@ def test_line_search_objective_is_meta_objectives_in_one_pass(alpha):
         loss, kl = meta_loss_and_kl(pre, post, behaviour, inner)(params)
         assert torch.equal(loss, meta_loss(params)) and torch.equal(kl, meta_kl(params))
     assert float(meta_kl(moved)) > 0
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_gauss_newton_fisher_products_and_meta_update_equal_the_exact_ones(alpha):
+    """At theta_old, ``output_kl(outputs(theta))`` is the meta-KL, its Gauss-Newton products equal the meta-KL's
+    Hessian-vector products (through the second-order penalised inner step) and the TRPO step agrees, in float64."""
+    generator = torch.Generator().manual_seed(6)
+    policy, meta_params = small_policy()
+    pre, post = random_data(generator, models=3), random_data(generator, models=3)
+    inner = InnerLoop(policy, lr=0.1, steps=1, penalty=AttentionPenalty(alpha, 1.0, 0.5, dt=0.05))
+    adapted = tree.detach(adapt_models(meta_params, pre, inner))
+    behaviour = behaviour_of(policy, adapted, post)
+    _, meta_kl = meta_objectives(pre, post, behaviour, inner)
+    outputs, output_kl = meta_kl_outputs(pre, post, behaviour, inner)
+    moved = tree.map(lambda x: x + 0.05 * torch.randn(x.shape, generator=generator, dtype=x.dtype), meta_params)
+    for params in (meta_params, moved):
+        torch.testing.assert_close(output_kl(outputs(params)), meta_kl(params), rtol=1e-12, atol=0.0)
+    exact = hessian_vector_operator(meta_kl, meta_params)
+    gauss_newton = gauss_newton_vector_operator(outputs, output_kl, meta_params)
+    for _ in range(2):
+        v = tree.map(lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype), meta_params)
+        torch.testing.assert_close(tree.ravel(gauss_newton(v))[0], tree.ravel(exact(v))[0], rtol=1e-9, atol=1e-12)
+    options = {"max_kl": 1e-3, "cg_iters": 3, "damping": 1e-2}
+    exact_step, exact_info = meta_update(meta_params, pre, post, adapted, inner, **options)
+    step, info = meta_update(meta_params, pre, post, adapted, inner, "gauss-newton", **options)
+    assert info.accepted and info.backtracks == exact_info.backtracks
+    torch.testing.assert_close(tree.ravel(step)[0], tree.ravel(exact_step)[0], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="fisher_product"):
+        meta_update(meta_params, pre, post, adapted, inner, "diagonal", **options)
+    with pytest.raises(ValueError, match=r"fisher_product.*diagonal"):
+        MBMPOConfig(fisher_product="diagonal").validate()
 
 
 def _evaluation(perturb, returns, seed=None, adaptation_lr=None):
