@@ -11,7 +11,7 @@ cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 ITER=${ITER:-24}
 ALPHAS=${ALPHAS:-0 0.05}
 SEEDS=${SEEDS:-0 1 2}
-SNAP=runs/min-attention/code
+SNAP=${SNAP:-runs/min-attention/code}
 mkdir -p runs/min-attention
 rm -rf "$SNAP.new" && mkdir -p "$SNAP.new" && cp -r bilevel "$SNAP.new/" && rm -rf "$SNAP" && mv "$SNAP.new" "$SNAP"
 export PYTHONPATH=$PWD/$SNAP OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
