@@ -296,14 +296,20 @@ def test_policy_distribution_equals_functional_call_bitwise_and_under_vmap():
         assert torch.equal(fast_part, reference_part)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.7])
-def test_line_search_objective_is_meta_objectives_in_one_pass(alpha):
-    generator = torch.Generator().manual_seed(5)
+def meta_step_problem(alpha, generator):
+    """A meta-step's data for 3 models: ``(meta_params, pre, post, inner, adapted, behaviour)``, ``adapted``
+    the models' adapted parameters at ``meta_params`` and ``behaviour`` their policies on ``post``."""
     policy, meta_params = small_policy()
     pre, post = random_data(generator, models=3), random_data(generator, models=3)
     inner = InnerLoop(policy, lr=0.1, steps=1, penalty=AttentionPenalty(alpha, 1.0, 0.5, dt=0.05))
     adapted = tree.detach(adapt_models(meta_params, pre, inner))
-    behaviour = behaviour_of(policy, adapted, post)
+    return meta_params, pre, post, inner, adapted, behaviour_of(policy, adapted, post)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_line_search_objective_is_meta_objectives_in_one_pass(alpha):
+    generator = torch.Generator().manual_seed(5)
+    meta_params, pre, post, inner, _, behaviour = meta_step_problem(alpha, generator)
     meta_loss, meta_kl = meta_objectives(pre, post, behaviour, inner)
     moved = tree.map(lambda x: x + 0.05 * torch.randn(x.shape, generator=generator, dtype=x.dtype), meta_params)
     for params in (meta_params, moved):
@@ -317,11 +323,7 @@ def test_gauss_newton_fisher_products_and_meta_update_equal_the_exact_ones(alpha
     """At theta_old, ``output_kl(outputs(theta))`` is the meta-KL, its Gauss-Newton products equal the meta-KL's
     Hessian-vector products (through the second-order penalised inner step) and the TRPO step agrees, in float64."""
     generator = torch.Generator().manual_seed(6)
-    policy, meta_params = small_policy()
-    pre, post = random_data(generator, models=3), random_data(generator, models=3)
-    inner = InnerLoop(policy, lr=0.1, steps=1, penalty=AttentionPenalty(alpha, 1.0, 0.5, dt=0.05))
-    adapted = tree.detach(adapt_models(meta_params, pre, inner))
-    behaviour = behaviour_of(policy, adapted, post)
+    meta_params, pre, post, inner, adapted, behaviour = meta_step_problem(alpha, generator)
     _, meta_kl = meta_objectives(pre, post, behaviour, inner)
     outputs, output_kl = meta_kl_outputs(pre, post, behaviour, inner)
     moved = tree.map(lambda x: x + 0.05 * torch.randn(x.shape, generator=generator, dtype=x.dtype), meta_params)
