@@ -214,25 +214,36 @@ def adapt_models(meta_params: Tree, data: TaskData, inner: InnerLoop) -> Tree:
     return vmap(adapt, in_dims=(None, 0, None))(meta_params, data, inner)
 
 
-def model_surrogate_loss(meta_params: Tree, pre: TaskData, post: TaskData, behaviour: Behaviour,
-                         inner: InnerLoop) -> Tensor:
-    """One model's outer loss: the importance-weighted surrogate of ``theta'_m(theta)`` on the post-adaptation
-    batch, plus ``alpha P(theta'_m; post)`` when the penalty is a loss term."""
-    adapted_params = adapt(meta_params, pre, inner)
-    log_probs = policy_distribution(inner.policy, adapted_params, post.obs).log_prob(post.actions)
-    loss = importance_weighted_loss(log_probs, behaviour.log_probs, post.advantages, post.valid)
+def adapted_surrogate_loss(adapted_params: Tree, distribution: DiagGaussian, post: TaskData, behaviour: Behaviour,
+                           inner: InnerLoop) -> Tensor:
+    """The outer loss of an adapted policy ``theta'_m`` whose distribution on ``post.obs`` is ``distribution``: the
+    importance-weighted surrogate on the post-adaptation batch, plus ``alpha P(theta'_m; post)`` when the penalty
+    is a loss term."""
+    loss = importance_weighted_loss(distribution.log_prob(post.actions), behaviour.log_probs, post.advantages,
+                                    post.valid)
     if inner.penalty.in_loss:
         loss = loss + inner.penalty.weight * attention_terms(inner.policy, adapted_params, post.obs, post.valid,
                                                              inner.penalty).total
     return loss
 
 
-def model_kl(meta_params: Tree, pre: TaskData, post: TaskData, behaviour: Behaviour, inner: InnerLoop) -> Tensor:
-    """``mean_valid KL(pi_old,m(.|s) || pi_{theta'_m}(.|s))`` over one model's post-adaptation states."""
+def behaviour_kl(behaviour: Behaviour, mean: Tensor, log_std: Tensor, valid: Tensor) -> Tensor:
+    """``mean_valid KL(pi_old,m(.|s) || N(mean, exp(log_std)^2))`` over one model's post-adaptation states."""
+    return masked_mean(gaussian_kl(behaviour.mean, behaviour.log_std, mean, log_std), valid)
+
+
+def model_surrogate_loss(meta_params: Tree, pre: TaskData, post: TaskData, behaviour: Behaviour,
+                         inner: InnerLoop) -> Tensor:
+    """One model's outer loss (`adapted_surrogate_loss`) as a function of the meta-parameters."""
     adapted_params = adapt(meta_params, pre, inner)
     distribution = policy_distribution(inner.policy, adapted_params, post.obs)
-    kl = gaussian_kl(behaviour.mean, behaviour.log_std, distribution.mean, distribution.log_std)
-    return masked_mean(kl, post.valid)
+    return adapted_surrogate_loss(adapted_params, distribution, post, behaviour, inner)
+
+
+def model_kl(meta_params: Tree, pre: TaskData, post: TaskData, behaviour: Behaviour, inner: InnerLoop) -> Tensor:
+    """One model's `behaviour_kl` of ``pi_{theta'_m(theta)}`` as a function of the meta-parameters."""
+    distribution = policy_distribution(inner.policy, adapt(meta_params, pre, inner), post.obs)
+    return behaviour_kl(behaviour, distribution.mean, distribution.log_std, post.valid)
 
 
 def model_loss_and_kl(meta_params: Tree, pre: TaskData, post: TaskData, behaviour: Behaviour,
@@ -241,13 +252,8 @@ def model_loss_and_kl(meta_params: Tree, pre: TaskData, post: TaskData, behaviou
     over the post-adaptation states (the line search evaluates both at every candidate)."""
     adapted_params = adapt(meta_params, pre, inner)
     distribution = policy_distribution(inner.policy, adapted_params, post.obs)
-    loss = importance_weighted_loss(distribution.log_prob(post.actions), behaviour.log_probs, post.advantages,
-                                    post.valid)
-    if inner.penalty.in_loss:
-        loss = loss + inner.penalty.weight * attention_terms(inner.policy, adapted_params, post.obs, post.valid,
-                                                             inner.penalty).total
-    kl = gaussian_kl(behaviour.mean, behaviour.log_std, distribution.mean, distribution.log_std)
-    return loss, masked_mean(kl, post.valid)
+    return (adapted_surrogate_loss(adapted_params, distribution, post, behaviour, inner),
+            behaviour_kl(behaviour, distribution.mean, distribution.log_std, post.valid))
 
 
 def meta_loss_and_kl(pre: TaskData, post: TaskData, behaviour: Behaviour,
@@ -291,7 +297,7 @@ def meta_kl_outputs(pre: TaskData, post: TaskData, behaviour: Behaviour,
                     inner: InnerLoop) -> tuple[Callable[[Tree], tuple[Tensor, Tensor]], Callable[..., Tensor]]:
     """``KL(theta)`` of `meta_objectives` split as ``output_kl(outputs(theta))`` for Gauss-Newton Fisher products:
     ``outputs(theta) = (mean [M, T, N, A], log_std [M, ...])`` of every ``pi_{theta'_m}`` on its post-adaptation
-    states, ``output_kl(y) = mean_m mean_valid KL(pi_old,m || N(y_m))`` (the same operations as `model_kl`)."""
+    states, ``output_kl(y) = mean_m behaviour_kl(y_m)`` (the same operations as `model_kl`)."""
 
     def one_model(meta_params: Tree, pre_m: TaskData, post_m: TaskData) -> tuple[Tensor, Tensor]:
         distribution = policy_distribution(inner.policy, adapt(meta_params, pre_m, inner), post_m.obs)
@@ -300,11 +306,8 @@ def meta_kl_outputs(pre: TaskData, post: TaskData, behaviour: Behaviour,
     def outputs(meta_params: Tree) -> tuple[Tensor, Tensor]:
         return vmap(one_model, in_dims=(None, 0, 0))(meta_params, pre, post)
 
-    def one_kl(behaviour_m: Behaviour, mean: Tensor, log_std: Tensor, valid: Tensor) -> Tensor:
-        return masked_mean(gaussian_kl(behaviour_m.mean, behaviour_m.log_std, mean, log_std), valid)
-
     def output_kl(distribution_params: tuple[Tensor, Tensor]) -> Tensor:
-        return vmap(one_kl)(behaviour, *distribution_params, post.valid).mean()
+        return vmap(behaviour_kl)(behaviour, *distribution_params, post.valid).mean()
 
     return outputs, output_kl
 
