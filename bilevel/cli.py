@@ -1,4 +1,4 @@
-"""The ``bilevel`` command: ``train``, ``eval``, ``plot``, ``sweep``, ``report`` and ``list``.
+"""The ``bilevel`` command: ``train``, ``eval``, ``plot``, ``sweep``, ``report``, ``archive`` and ``list``.
 
     bilevel train ALGORITHM --env ENV [--seed N] [--iterations N] [--FIELD VALUE ...] [--run-dir DIR]
     bilevel train ALGORITHM --resume RUN [--iterations N] [--threads N]
@@ -7,6 +7,7 @@
     bilevel sweep SPEC.toml [--out SWEEP] [--address RAY_ADDRESS]
     bilevel sweep --resume SWEEP
     bilevel report REPORT.md [...]
+    bilevel archive RUN [...] --to RECORDS
     bilevel list
 
 Every config field of the algorithm is an option (``attention_weight`` is
@@ -238,6 +239,27 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
+def _archive(argv: list[str]) -> int:
+    from bilevel.runs.folder import archive
+
+    parser = argparse.ArgumentParser(
+        prog="bilevel archive",
+        description="Copy each run's config.json, metrics.csv and evaluation JSONs (not its checkpoints) to "
+        "RECORDS/RUN_NAME/, a folder small enough to commit that reports and plots can read.",
+    )
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--to", type=Path, required=True, metavar="RECORDS")
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        try:
+            record = archive(run, args.to)
+        except (ValueError, OSError) as error:
+            print(f"bilevel archive: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"{run} -> {record}")
+    return 0
+
+
 def _list(argv: list[str]) -> int:
     import bilevel.algorithms  # noqa: F401
     from bilevel.envs import family_names
@@ -252,7 +274,8 @@ def _list(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "sweep": _sweep, "report": _report, "list": _list}
+COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "sweep": _sweep, "report": _report, "archive": _archive,
+            "list": _list}
 
 
 def main(argv: list[str] | None = None) -> int:

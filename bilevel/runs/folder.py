@@ -8,6 +8,10 @@
       eval.json            the latest ``bilevel eval`` result
       plots/               figures from ``bilevel plot``
 
+A *record* of a run (``archive``) keeps its config.json, metrics.csv and evaluation JSONs,
+not its checkpoints: small enough to commit beside a report, and still a run folder for
+``bilevel report`` and ``bilevel plot`` (not for ``--resume`` or ``bilevel eval``).
+
 Every file that a crash could leave half-written is written to a temporary file in
 the same folder and moved into place with ``os.replace``.
 """
@@ -24,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsWriter", "RunFolder", "atomic_save", "atomic_write_text"]
+__all__ = ["MetricsWriter", "RunFolder", "archive", "atomic_save", "atomic_write_text"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -149,3 +153,19 @@ def metric_series(
     """The (x, y) pairs of the rows that have both metrics (and ``x <= x_max`` where given)."""
     pairs = [(row[x], row[y]) for row in rows if x in row and y in row and (x_max is None or row[x] <= x_max)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def archive(run: str | Path, records: str | Path) -> Path:
+    """Copy the record of ``run`` (config.json, metrics.csv, ``*.json`` evaluations) to
+    ``records/<run's name>/``, each file atomically; the record's other files are kept, so
+    archiving again after more iterations updates it. Returns the record's folder."""
+    source = RunFolder(run)
+    if not source.exists():
+        raise ValueError(f"{str(source.path)!r} is not a run folder: it has no config.json")
+    record = Path(records) / source.path.resolve().name
+    if record.resolve() == source.path.resolve():
+        raise ValueError(f"the record of {str(source.path)!r} would overwrite the run itself")
+    for file in [*sorted(source.path.glob("*.json")), source.metrics_path]:
+        if file.exists():
+            atomic_write_text(record / file.name, file.read_text())
+    return record

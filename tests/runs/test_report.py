@@ -110,3 +110,25 @@ def test_a_field_missing_from_an_older_config_counts_as_its_default(tmp_path):
     groups = group_by_config([RunFolder(tmp_path / n) for n in ("old", "new", "other")])
     assert {label: [f.path.name for f in g] for label, g in groups.items()} == {
         f"td3-matt meta_interval={default}": ["old", "new"], f"td3-matt meta_interval={default + 3}": ["other"]}
+
+
+def test_an_archived_record_keeps_config_metrics_and_evaluations_not_checkpoints_and_reports_from_it(runs, capsys):
+    from bilevel import cli
+
+    run = RunFolder(runs / "runs" / "lr0.1-s0")
+    run.write_json("eval-select.json", {"returns": [1.0, 2.0]})
+    (run.path / "checkpoints").mkdir()
+    (run.path / "checkpoints" / "last.pt").write_bytes(b"weights")
+    assert cli.main(["archive", str(run.path), str(runs / "runs" / "lr0.1-s1"), "--to", "records"]) == 0
+    record = runs / "records" / "lr0.1-s0"
+    assert sorted(p.name for p in record.iterdir()) == ["config.json", "eval-select.json", "metrics.csv"]
+    assert RunFolder(record).read_config() == run.read_config()
+    assert RunFolder(record).read_metrics() == run.read_metrics()
+
+    report = runs / "from-records.md"
+    report.write_text("<!-- bilevel:summary records/lr0.1-* last=2 -->\n<!-- bilevel:end -->\n")
+    regenerate(report)
+    assert "| maml-trpo | 2 |" in report.read_text()
+
+    assert cli.main(["archive", str(runs / "runs" / "missing"), "--to", "records"]) == 2
+    assert "'" + str(runs / "runs" / "missing") + "' is not a run folder" in capsys.readouterr().err
