@@ -450,9 +450,11 @@ class ProbabilisticEnsemble(nn.Module):
         new_train_rows = num_old + torch.nonzero(~new_is_holdout).squeeze(-1)
         if new_train_rows.numel() == 0 and self.bootstrap_idx.shape[1] == 0:
             raise ValueError(f"no training rows: {num_rows} rows with `holdout_ratio` {holdout_ratio}")
-        draws = torch.randint(new_train_rows.numel(), (self.ensemble_size, new_train_rows.numel()), generator=generator)
         self.is_holdout = torch.cat([self.is_holdout, new_is_holdout])
-        self.bootstrap_idx = torch.cat([self.bootstrap_idx, new_train_rows[draws]], dim=1)
+        if new_train_rows.numel() > 0:
+            num_new_train = new_train_rows.numel()
+            draws = torch.randint(num_new_train, (self.ensemble_size, num_new_train), generator=generator)
+            self.bootstrap_idx = torch.cat([self.bootstrap_idx, new_train_rows[draws]], dim=1)
 
     def _check_data(self, obs: Tensor, act: Tensor, next_obs: Tensor, reward: Tensor) -> None:
         check_last_dim(obs, self.obs_dim, "obs")

@@ -150,6 +150,19 @@ def test_retraining_on_more_rows_keeps_split_and_bootstrap():
     assert not torch.equal(ensemble.bootstrap_idx[0], ensemble.bootstrap_idx[1])
 
 
+def test_refitting_on_the_same_rows_or_on_new_holdout_rows_only_keeps_split_and_bootstrap():
+    data = make_data(100, seed=7)
+    ensemble = ProbabilisticEnsemble(1, 1, ensemble_size=3, num_elites=2, hidden=(8,))
+    gen = torch.Generator().manual_seed(0)
+    ensemble.fit(*(x[:99] for x in data), max_epochs=1, generator=gen)
+    is_holdout, bootstrap_idx = ensemble.is_holdout.clone(), ensemble.bootstrap_idx.clone()
+    ensemble.fit(*(x[:99] for x in data), max_epochs=1, generator=gen)
+    assert torch.equal(ensemble.is_holdout, is_holdout) and torch.equal(ensemble.bootstrap_idx, bootstrap_idx)
+    ensemble.fit(*data, max_epochs=1, holdout_ratio=0.21, generator=gen)
+    assert ensemble.is_holdout.tolist() == [*is_holdout.tolist(), True]
+    assert torch.equal(ensemble.bootstrap_idx, bootstrap_idx)
+
+
 def test_forward_is_differentiable_with_torch_func():
     ensemble = ProbabilisticEnsemble(3, 2, ensemble_size=2, num_elites=1, hidden=(8, 8))
     params = params_of(ensemble)
