@@ -5,12 +5,15 @@
 # episodes, evaluation seeds 0 and 1, kept as eval-ITER-seedK.json). Resumable: run it again
 # (nohup docs/reproductions/bomrl-halfcheetah-vel-seeds.sh >> runs/cheetah-vel3/queue.log 2>&1 &);
 # ITER=N continues every run to N. The committed package (git HEAD) is copied to runs/cheetah-vel3/code at
-# start, so uncommitted edits and later commits do not reach the runs.
+# start, so uncommitted edits and later commits do not reach the runs. After each training call, successful
+# or not, and after the evaluations, the run's record (config, metrics, evaluations; no checkpoints) is
+# archived to docs/reproductions/records/cheetah-vel3/, which the report's figures are drawn from.
 set -u
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 ITER=${ITER:-60}
 SEEDS=${SEEDS:-0 1 2}
 ROOT=runs/cheetah-vel3
+RECORDS=docs/reproductions/records/cheetah-vel3
 SNAP=$ROOT/code
 mkdir -p "$ROOT"
 rm -rf "$SNAP.new" && mkdir -p "$SNAP.new" && git archive HEAD bilevel | tar -x -C "$SNAP.new" && rm -rf "$SNAP" && mv "$SNAP.new" "$SNAP"
@@ -28,11 +31,15 @@ for ALGO in maml-trpo bomrl-neural; do
       args=("${COMMON[@]}" ${EXTRA[$ALGO]} --iterations "$ITER" --seed "$SEED" --run-dir "$RUN")
     fi
     echo "$(date -u +%FT%TZ) $RUN -> $ITER"
-    .venv/bin/bilevel train "$ALGO" "${args[@]}" || exit 1
+    .venv/bin/bilevel train "$ALGO" "${args[@]}"
+    status=$?
+    .venv/bin/bilevel archive "$RUN" --to "$RECORDS"
+    [ "$status" = 0 ] || exit 1
     for K in 0 1; do
       [ -f "$RUN/eval-$ITER-seed$K.json" ] && continue
       .venv/bin/bilevel eval "$RUN" --tasks 10 --episodes 10 --seed "$K" && cp "$RUN/eval.json" "$RUN/eval-$ITER-seed$K.json"
     done
+    .venv/bin/bilevel archive "$RUN" --to "$RECORDS"
   done
 done
 echo "$(date -u +%FT%TZ) done"

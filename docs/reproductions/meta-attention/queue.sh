@@ -3,7 +3,10 @@
 # Every job brings one run folder to a target iteration, resuming from its checkpoint; a run held
 # by another worker (flock on RUN.lock) is skipped and retried later. WORKERS (default 1) worker
 # processes each run one `bilevel train` at a time with one torch thread. The package is copied
-# to runs/matt-code at start so that edits to the working tree do not reach running jobs.
+# to runs/matt-code at start so that edits to the working tree do not reach running jobs. After each
+# training call, successful or not, the run's record (config, metrics, evaluations; no checkpoints)
+# is archived from runs/GROUP/RUN to docs/reproductions/records/GROUP/RUN, which the report's
+# figures are drawn from.
 set -u
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 WORKERS=${1:-1}
@@ -51,7 +54,9 @@ worker() {
           # shellcheck disable=SC2086
           .venv/bin/bilevel train "$algo" --iterations "$target" --threads 1 --no-progress --overwrite --run-dir "$dir" $options
         fi
-        echo "$(date -u +%FT%TZ) worker $1: $dir exit $?"
+        local status=$?
+        .venv/bin/bilevel archive "$dir" --to "docs/reproductions/records/$(basename "$(dirname "$dir")")"
+        echo "$(date -u +%FT%TZ) worker $1: $dir exit $status"
         progressed=1
         flock -u 9
       fi

@@ -5,7 +5,9 @@
 # > runs/min-attention/run.log 2>&1 &) to continue each run from its last checkpoint; ITER=N raises
 # the target. A lane whose run is still training (an earlier invocation) waits for it to end. The
 # package is copied to runs/min-attention/code at start, so edits to the working tree do not reach
-# the runs this invocation starts. One thread per process.
+# the runs this invocation starts. One thread per process. After each training call, successful or not,
+# the run's record (config, metrics, evaluations; no checkpoints) is archived to
+# docs/reproductions/records/min-attention/, which the report's figures and summary are drawn from.
 set -u
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 ITER=${ITER:-24}
@@ -28,7 +30,9 @@ train() {  # ALPHA SEED
   fi
   echo "$(date -u +%FT%TZ) $run -> $ITER"
   .venv/bin/bilevel train "${args[@]}" >> "$run.log" 2>&1
-  echo "$(date -u +%FT%TZ) $run exit $?"
+  local status=$?
+  .venv/bin/bilevel archive "$run" --to docs/reproductions/records/min-attention >> "$run.log" 2>&1
+  echo "$(date -u +%FT%TZ) $run exit $status"
 }
 
 for ALPHA in $ALPHAS; do
