@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from bilevel.nets.common import ActivationFactory, check_last_dim, check_positive, mlp
+from bilevel.nets.common import ActivationFactory, ObsActionModule, check_last_dim, mlp
 from bilevel.nets.distributions import TanhGaussian
 
 __all__ = [
@@ -45,12 +45,10 @@ def _scaled(features: Tensor, feature_scale: Tensor | None) -> Tensor:
     return features if feature_scale is None else features * feature_scale
 
 
-class DeterministicActor(nn.Module):
-    """``a = tanh(W h + b)``, ``h = features(s) * feature_scale`` (DDPG/TD3; MATT's 256 -> 128 ReLU).
-
-    ``forward(obs [..., obs_dim], feature_scale [..., hidden[-1]] | None, features | None) -> [..., act_dim]``;
-    ``features`` ``[..., hidden[-1]]``, when given, are ``features(obs)`` already computed and only the head runs.
-    """
+class _ActorCriticNetwork(ObsActionModule):
+    """The constructor of the actors and critics: ``obs_dim`` and ``act_dim`` checked and kept
+    (`ObsActionModule`), then the layers that ``_build`` makes for the ``hidden`` sizes and the
+    ``activation`` (MATT's 256 -> 128 ReLU by default)."""
 
     def __init__(
         self,
@@ -59,21 +57,32 @@ class DeterministicActor(nn.Module):
         hidden: Sequence[int] = (256, 128),
         activation: ActivationFactory = nn.ReLU,
     ) -> None:
-        super().__init__()
-        check_positive(obs_dim, "obs_dim")
-        check_positive(act_dim, "act_dim")
-        self.obs_dim = obs_dim
-        self.act_dim = act_dim
+        super().__init__(obs_dim, act_dim)
+        self._build(hidden, activation)
+
+    def _build(self, hidden: Sequence[int], activation: ActivationFactory) -> None:
+        """Make the submodules for the ``hidden`` sizes and the ``activation``."""
+        raise NotImplementedError
+
+
+class DeterministicActor(_ActorCriticNetwork):
+    """``a = tanh(W h + b)``, ``h = features(s) * feature_scale`` (DDPG/TD3; MATT's 256 -> 128 ReLU).
+
+    ``forward(obs [..., obs_dim], feature_scale [..., hidden[-1]] | None, features | None) -> [..., act_dim]``;
+    ``features`` ``[..., hidden[-1]]``, when given, are ``features(obs)`` already computed and only the head runs.
+    """
+
+    def _build(self, hidden: Sequence[int], activation: ActivationFactory) -> None:
         self.feature_dim = hidden[-1]
-        self.features = mlp((obs_dim, *hidden), activation, activate_last=True)
-        self.head = nn.Sequential(nn.Linear(hidden[-1], act_dim), nn.Tanh())
+        self.features = mlp((self.obs_dim, *hidden), activation, activate_last=True)
+        self.head = nn.Sequential(nn.Linear(hidden[-1], self.act_dim), nn.Tanh())
 
     def forward(self, obs: Tensor, feature_scale: Tensor | None = None, features: Tensor | None = None) -> Tensor:
         check_last_dim(obs, self.obs_dim, "obs")
         return self.head(_scaled(self.features(obs) if features is None else features, feature_scale))
 
 
-class TanhGaussianActor(nn.Module):
+class TanhGaussianActor(_ActorCriticNetwork):
     """SAC's actor: ``(mean, log_std) = head(features(s) * feature_scale)``, ``log_std`` clamped to
     [-5, 2], ``a = tanh(mean + std * eps)``.
 
@@ -83,21 +92,10 @@ class TanhGaussianActor(nn.Module):
     ``mode`` for the deterministic action ``tanh(mean)``.
     """
 
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        hidden: Sequence[int] = (256, 128),
-        activation: ActivationFactory = nn.ReLU,
-    ) -> None:
-        super().__init__()
-        check_positive(obs_dim, "obs_dim")
-        check_positive(act_dim, "act_dim")
-        self.obs_dim = obs_dim
-        self.act_dim = act_dim
+    def _build(self, hidden: Sequence[int], activation: ActivationFactory) -> None:
         self.feature_dim = hidden[-1]
-        self.features = mlp((obs_dim, *hidden), activation, activate_last=True)
-        self.head = nn.Linear(hidden[-1], 2 * act_dim)
+        self.features = mlp((self.obs_dim, *hidden), activation, activate_last=True)
+        self.head = nn.Linear(hidden[-1], 2 * self.act_dim)
 
     def forward(self, obs: Tensor, feature_scale: Tensor | None = None,
                 features: Tensor | None = None) -> TanhGaussian:
@@ -122,44 +120,28 @@ class QFeatures(nn.Module):
         return self.net(torch.cat([obs, act], dim=-1))
 
 
-class QCritic(nn.Module):
+class QCritic(_ActorCriticNetwork):
     """``Q(s, a) = w^T features(s, a) + b`` (MATT's critic features 256 -> 128).
 
     ``forward(obs [..., obs_dim], act [..., act_dim]) -> [...]``.
     """
 
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        hidden: Sequence[int] = (256, 128),
-        activation: ActivationFactory = nn.ReLU,
-    ) -> None:
-        super().__init__()
-        check_positive(obs_dim, "obs_dim")
-        check_positive(act_dim, "act_dim")
+    def _build(self, hidden: Sequence[int], activation: ActivationFactory) -> None:
         self.feature_dim = hidden[-1]
-        self.features = QFeatures(obs_dim, act_dim, hidden, activation)
+        self.features = QFeatures(self.obs_dim, self.act_dim, hidden, activation)
         self.head = nn.Linear(hidden[-1], 1)
 
     def forward(self, obs: Tensor, act: Tensor) -> Tensor:
         return self.head(self.features(obs, act)).squeeze(-1)
 
 
-class TwinQCritic(nn.Module):
+class TwinQCritic(_ActorCriticNetwork):
     """Two independent critics ``q1``, ``q2`` (TD3, SAC) evaluated in one call:
     ``forward(obs, act) -> (q1 [...], q2 [...])``."""
 
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        hidden: Sequence[int] = (256, 128),
-        activation: ActivationFactory = nn.ReLU,
-    ) -> None:
-        super().__init__()
-        self.q1 = QCritic(obs_dim, act_dim, hidden, activation)
-        self.q2 = QCritic(obs_dim, act_dim, hidden, activation)
+    def _build(self, hidden: Sequence[int], activation: ActivationFactory) -> None:
+        self.q1 = QCritic(self.obs_dim, self.act_dim, hidden, activation)
+        self.q2 = QCritic(self.obs_dim, self.act_dim, hidden, activation)
 
     def forward(self, obs: Tensor, act: Tensor) -> tuple[Tensor, Tensor]:
         return self.q1(obs, act), self.q2(obs, act)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 ActivationFactory = Callable[[], nn.Module]
 """A zero-argument callable returning an activation module, e.g. ``nn.Tanh``."""
 
-__all__ = ["ActivationFactory", "check_last_dim", "check_positive", "mlp", "subtree"]
+__all__ = ["ActivationFactory", "ObsActionModule", "check_last_dim", "check_positive", "mlp", "subtree"]
 
 
 def mlp(sizes: Sequence[int], activation: ActivationFactory, *, activate_last: bool = False) -> nn.Sequential:
@@ -49,3 +49,14 @@ def check_positive(value: int, name: str) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value >= 1``."""
     if value < 1:
         raise ValueError(f"`{name}` must be at least 1; got {value}")
+
+
+class ObsActionModule(nn.Module):
+    """A network of observations ``[..., obs_dim]`` and actions ``[..., act_dim]``: both sizes checked
+    positive and kept as ``obs_dim`` and ``act_dim``."""
+
+    def __init__(self, obs_dim: int, act_dim: int) -> None:
+        super().__init__()
+        check_positive(obs_dim, "obs_dim")
+        check_positive(act_dim, "act_dim")
+        self.obs_dim, self.act_dim = obs_dim, act_dim

@@ -9,13 +9,13 @@ from torch import Tensor, nn
 from torch.distributions import Categorical
 from torch.func import functional_call
 
-from bilevel.nets.common import ActivationFactory, check_last_dim, check_positive, mlp
+from bilevel.nets.common import ActivationFactory, ObsActionModule, check_last_dim, check_positive, mlp
 from bilevel.nets.distributions import DiagGaussian
 
 __all__ = ["GaussianMLPPolicy", "TabularSoftmaxPolicy", "mean_action_fn"]
 
 
-class GaussianMLPPolicy(nn.Module):
+class GaussianMLPPolicy(ObsActionModule):
     """``pi(a | s) = N(a; mu_theta(s), diag(exp(2 log_std)))``: an MLP mean and a state-independent
     log-std parameter (MAML-RL's policy).
 
@@ -31,11 +31,7 @@ class GaussianMLPPolicy(nn.Module):
         activation: ActivationFactory = nn.Tanh,
         init_log_std: float = 0.0,
     ) -> None:
-        super().__init__()
-        check_positive(obs_dim, "obs_dim")
-        check_positive(act_dim, "act_dim")
-        self.obs_dim = obs_dim
-        self.act_dim = act_dim
+        super().__init__(obs_dim, act_dim)
         self.mean_net = mlp((obs_dim, *hidden, act_dim), activation)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
 
