@@ -233,13 +233,14 @@ def sample_navigation(
     return TaskEpisodes(**stacked, valid=valid, time=time)
 
 
+def _zero_padded(value: Tensor, horizon: int) -> Tensor:
+    """``value`` ``[T, ...]`` followed by zeros to ``[horizon, ...]``."""
+    return torch.cat([value, value.new_zeros((horizon - value.shape[0], *value.shape[1:]))])
+
+
 def _pad_time(batch: Trajectories, horizon: int) -> TaskEpisodes:
     """One task's episodes with the time axis padded by invalid zero steps to ``horizon``."""
-
-    def padded(value: Tensor) -> Tensor:
-        return torch.cat([value, value.new_zeros((horizon - value.shape[0], *value.shape[1:]))])
-
-    return TaskEpisodes(*(padded(getattr(batch, name)) for name in TaskEpisodes._fields))
+    return TaskEpisodes(*(_zero_padded(getattr(batch, name), horizon) for name in TaskEpisodes._fields))
 
 
 def sample_gym_tasks(
@@ -340,8 +341,7 @@ def sample_batched_tasks(
         envs.close()
 
     def per_task_columns(value: Tensor) -> Tensor:
-        padded = torch.cat([value, value.new_zeros((horizon - value.shape[0], *value.shape[1:]))])
-        return padded.reshape(horizon, count, columns, *value.shape[2:]).movedim(1, 0)
+        return _zero_padded(value, horizon).reshape(horizon, count, columns, *value.shape[2:]).movedim(1, 0)
 
     joined = {
         name: torch.cat([per_task_columns(round_[name]) for round_ in rounds], dim=2)[:, :, :episodes]
@@ -412,20 +412,10 @@ class TaskSampler:
             goals = goals_tensor(tasks, device=self.device)
             return sample_navigation(self.policy, params, goals, episodes, self.horizon, generator, per_task=per_task)
         if self.uses_batched_env:
-            return sample_batched_tasks(
-                self.family,
-                tasks,
-                self.policy,
-                params,
-                episodes,
-                self.horizon,
-                generator,
-                per_task=per_task,
-                env_seed=env_seed,
-                num_envs=self.num_envs or episodes,
-                device=self.device,
-            )
-        return sample_gym_tasks(
+            sample_tasks = sample_batched_tasks
+        else:
+            sample_tasks = functools.partial(sample_gym_tasks, asynchronous=self.asynchronous)
+        return sample_tasks(
             self.family,
             tasks,
             self.policy,
@@ -436,7 +426,6 @@ class TaskSampler:
             per_task=per_task,
             env_seed=env_seed,
             num_envs=self.num_envs or episodes,
-            asynchronous=self.asynchronous,
             device=self.device,
         )
 
