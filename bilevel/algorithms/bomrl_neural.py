@@ -76,27 +76,21 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from bilevel import tree
-from bilevel.algorithms.maml_trpo import SEED_PURPOSES
-from bilevel.envs import make_family
 from bilevel.implicit import implicit_root, implicit_vjp
 from bilevel.inner import adam, known_all_false, newton_cg, unroll
 from bilevel.linalg import SolveInfo
-from bilevel.nets import GaussianMLPPolicy, gaussian_kl
+from bilevel.nets import gaussian_kl
 from bilevel.rl import importance_weighted_loss, masked_mean, reinforce_loss
 from bilevel.rl.meta_batches import (
-    HELD_OUT_TASKS_KEY,
     NAVIGATION,
+    PolicyGradientLearner,
     PolicyGradientSettings,
     TaskData,
     TaskEpisodes,
-    TaskSampler,
     action_distribution,
-    adaptation_returns,
-    held_out_tasks,
-    space_sizes,
     task_data,
 )
-from bilevel.runs import Learner, RunConfig, derive_seed, register
+from bilevel.runs import RunConfig, register
 from bilevel.tree import Tree
 from bilevel.trpo import TRPOSettings, trpo_step
 
@@ -475,33 +469,14 @@ def _solve_metrics(info: SolveInfo, cotangents: Tree) -> dict[str, float]:
 
 
 @register("bomrl-neural")
-class BOMRLNeural(Learner):
+class BOMRLNeural(PolicyGradientLearner):
     """BO-MRL (Xu et al. 2024) with a Gaussian MLP policy on 2-D navigation, HalfCheetah velocity and
-    direction and Ant direction. Tasks, actions and environment seeds are drawn like MAML-TRPO's, so the
-    two see the same tasks at every iteration for the same seed."""
+    direction and Ant direction. Family, policy, sampling, seeds and state are MAML-TRPO's
+    (`PolicyGradientLearner`), so the two see the same tasks at every iteration for the same seed."""
 
     Config = BOMRLNeuralConfig
     envs = (NAVIGATION, "halfcheetah-vel", "halfcheetah-dir", "ant-dir")
     config: BOMRLNeuralConfig
-
-    def __init__(self, config: BOMRLNeuralConfig, device: torch.device) -> None:
-        super().__init__(config, device)
-        self.family = make_family(config.env)
-        obs_dim, act_dim = space_sizes(config.env, self.family)
-        self.policy = GaussianMLPPolicy(
-            obs_dim, act_dim, hidden=tuple(config.hidden), init_log_std=config.init_log_std
-        ).to(device)
-        self.meta_params = tree.detach(tree.params_of(self.policy))
-        self.sampler = TaskSampler(
-            config.env,
-            self.family,
-            self.policy,
-            config.episode_horizon,
-            device,
-            config.num_envs,
-            config.asynchronous,
-            config.batched_envs,
-        )
 
     def adaptation(self, steps: int | None = None) -> Adaptation:
         """The config's `Adaptation`, with ``steps`` overridable."""
@@ -518,9 +493,6 @@ class BOMRLNeural(Learner):
             clip=config.adapt_clip,
         )
 
-    def _seed(self, purpose: str) -> int:
-        return derive_seed(self.config.seed, self.iteration, SEED_PURPOSES[purpose])
-
     def step(self) -> dict[str, float]:
         """One meta-iteration (module docstring), batched over tasks: the adaptation (`adapt_tasks`) and
         the hypergradient (`hypergradients`) are one vmap each. An unconverged hypergradient solve does not
@@ -532,27 +504,13 @@ class BOMRLNeural(Learner):
         adaptation = self.adaptation()
         meta_params = self.meta_params
 
-        train_episodes = self.sampler(
-            tasks,
-            meta_params,
-            generator,
-            per_task=False,
-            env_seed=self._seed("train_envs"),
-            episodes=config.episodes_per_task,
-        )
+        train_episodes = self.sample(tasks, meta_params, generator, per_task=False, env_seed=self._seed("train_envs"))
         train = task_data(train_episodes, config.gamma, config.gae_lambda)
         batches = adaptation_batches(self.policy, meta_params, train)
 
         adapted_params = adapt_tasks(meta_params, batches, adaptation)
 
-        fresh_episodes = self.sampler(
-            tasks,
-            adapted_params,
-            generator,
-            per_task=True,
-            env_seed=self._seed("valid_envs"),
-            episodes=config.episodes_per_task,
-        )
+        fresh_episodes = self.sample(tasks, adapted_params, generator, per_task=True, env_seed=self._seed("valid_envs"))
         fresh = task_data(fresh_episodes, config.gamma, config.gae_lambda)
         cotangents = policy_gradient(self.policy, adapted_params, fresh)
         per_task, solves = hypergradients(
@@ -620,10 +578,6 @@ class BOMRLNeural(Learner):
             "adaptation_boundary": float((reached >= 0.99 * adaptation.max_distance).float().mean()),
         }
 
-    def held_out_tasks(self, count: int) -> list[Any]:
-        """``count`` tasks from a generator no training iteration uses (`held_out_tasks`)."""
-        return held_out_tasks(self.family, count)
-
     def evaluate(
         self, tasks: int = 40, adaptation_steps: int | None = None, episodes: int | None = None, seed: int = 0
     ) -> dict[str, float]:
@@ -634,35 +588,10 @@ class BOMRLNeural(Learner):
         config's ``adapt_steps``), then stochastic and deterministic (mean-action) episodes of
         the meta-policy and the adapted policy, reported separately (`adaptation_returns`)."""
         adaptation_steps = self.config.adapt_steps if adaptation_steps is None else adaptation_steps
-        episodes = self.config.episodes_per_task if episodes is None else episodes
-        for name, value, least in (
-            ("tasks", tasks, 1),
-            ("adaptation_steps", adaptation_steps, 0),
-            ("episodes", episodes, 1),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"`{name}` must be an int >= {least}; got {value!r}")
-        generator = torch.Generator(self.device).manual_seed(derive_seed(self.config.seed, seed, HELD_OUT_TASKS_KEY))
         adaptation = self.adaptation(steps=adaptation_steps)
 
         def adapt_all(meta_params: Tree, episodes: TaskEpisodes) -> Tree:
             data = task_data(episodes, self.config.gamma, self.config.gae_lambda)
             return adapt_tasks(meta_params, adaptation_batches(self.policy, meta_params, data), adaptation)
 
-        result = adaptation_returns(
-            self.sampler,
-            self.held_out_tasks(tasks),
-            self.meta_params,
-            adapt_all,
-            episodes=episodes,
-            generator=generator,
-            env_seed=derive_seed(seed, HELD_OUT_TASKS_KEY),
-        )
-        return {**result, "adaptation_steps": float(adaptation_steps), "horizon": float(self.config.episode_horizon)}
-
-    def learner_state(self) -> dict[str, Any]:
-        return {"meta_params": tree.map(torch.clone, self.meta_params)}
-
-    def load_learner_state(self, state: dict[str, Any]) -> None:
-        tree.check_same_structure(state["meta_params"], self.meta_params, ("saved meta_params", "meta_params"))
-        self.meta_params = tree.map(lambda saved: saved.to(self.device), state["meta_params"])
+        return self.evaluate_adaptation(adapt_all, tasks, adaptation_steps, episodes, seed)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,29 +37,24 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from bilevel import tree
-from bilevel.envs import make_family
 from bilevel.inner import unroll
-from bilevel.nets import GaussianMLPPolicy, gaussian_kl
+from bilevel.nets import gaussian_kl
 from bilevel.rl import importance_weighted_loss, masked_mean, reinforce_loss
 from bilevel.rl.meta_batches import (
-    HELD_OUT_TASKS_KEY,
     NAVIGATION,
     Behaviour,
+    PolicyGradientLearner,
     PolicyGradientSettings,
     TaskData,
     TaskEpisodes,
-    TaskSampler,
     action_distribution,
-    adaptation_returns,
     behaviour_of,
-    held_out_tasks,
     sample_gym_tasks,
     sample_navigation,
-    space_sizes,
     standardized_advantages,
     task_data,
 )
-from bilevel.runs import Learner, RunConfig, derive_seed, register
+from bilevel.runs import RunConfig, register
 from bilevel.tree import Tree
 from bilevel.trpo import TRPOSettings, trpo_step
 
@@ -79,8 +74,6 @@ __all__ = [
     "standardized_advantages",
     "task_data",
 ]
-
-SEED_PURPOSES = {"tasks": 0, "actions": 1, "train_envs": 2, "valid_envs": 3}
 
 
 class InnerLoop(NamedTuple):
@@ -171,36 +164,18 @@ class MAMLTRPOConfig(PolicyGradientSettings, TRPOSettings, RunConfig):
 
 
 @register("maml-trpo")
-class MAMLTRPO(Learner):
-    """MAML-TRPO (Finn et al. 2017) on 2-D navigation, HalfCheetah velocity/direction and Ant direction."""
+class MAMLTRPO(PolicyGradientLearner):
+    """MAML-TRPO (Finn et al. 2017) on 2-D navigation, HalfCheetah velocity/direction and Ant direction
+    (family, policy, sampling, seeds and state: `PolicyGradientLearner`)."""
 
     Config = MAMLTRPOConfig
     envs = (NAVIGATION, "halfcheetah-vel", "halfcheetah-dir", "ant-dir")
-
-    def __init__(self, config: MAMLTRPOConfig, device: torch.device) -> None:
-        super().__init__(config, device)
-        self.config: MAMLTRPOConfig = config
-        self.family = make_family(config.env)
-        obs_dim, act_dim = space_sizes(config.env, self.family)
-        self.policy = GaussianMLPPolicy(obs_dim, act_dim, hidden=tuple(config.hidden),
-                                        init_log_std=config.init_log_std).to(device)
-        self.meta_params = tree.detach(tree.params_of(self.policy))
-        self.sampler = TaskSampler(config.env, self.family, self.policy, config.episode_horizon, device,
-                                   config.num_envs, config.asynchronous, config.batched_envs)
+    config: MAMLTRPOConfig
 
     def inner_loop(self, steps: int | None = None, first_order: bool | None = None) -> InnerLoop:
         """The config's `InnerLoop`, with ``steps`` and ``first_order`` overridable."""
         return InnerLoop(self.policy, self.config.inner_lr, self.config.inner_steps if steps is None else steps,
                          self.config.first_order if first_order is None else first_order)
-
-    def sample(self, tasks: list[Any], params: Tree, generator: torch.Generator | None, *, per_task: bool,
-               env_seed: int, episodes: int | None = None) -> TaskEpisodes:
-        """Episodes of ``params`` (one tree, or one per task when ``per_task``) on ``tasks``."""
-        return self.sampler(tasks, params, generator, per_task=per_task, env_seed=env_seed,
-                            episodes=episodes or self.config.episodes_per_task)
-
-    def _seed(self, purpose: str) -> int:
-        return derive_seed(self.config.seed, self.iteration, SEED_PURPOSES[purpose])
 
     def step(self) -> dict[str, float]:
         config = self.config
@@ -225,11 +200,6 @@ class MAMLTRPO(Learner):
         return {"return": return_after, "return_before": return_before, "return_after": return_after,
                 **info.metrics()}
 
-    def held_out_tasks(self, count: int) -> list[Any]:
-        """``count`` tasks from a generator no training iteration uses; both directions for the
-        direction families (two tasks, so train and test coincide)."""
-        return held_out_tasks(self.family, count)
-
     def evaluate(self, tasks: int = 40, adaptation_steps: int | None = None, episodes: int | None = None,
                  seed: int = 0) -> dict[str, float]:
         """Mean undiscounted return on held-out tasks before and after adaptation.
@@ -239,25 +209,9 @@ class MAMLTRPO(Learner):
         stochastic and deterministic (mean-action) episodes of the meta-policy and the adapted
         policy, reported separately."""
         adaptation_steps = self.config.inner_steps if adaptation_steps is None else adaptation_steps
-        episodes = self.config.episodes_per_task if episodes is None else episodes
-        for name, value, least in (("tasks", tasks, 1), ("adaptation_steps", adaptation_steps, 0),
-                                   ("episodes", episodes, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"`{name}` must be an int >= {least}; got {value!r}")
-        generator = torch.Generator(self.device).manual_seed(derive_seed(self.config.seed, seed, HELD_OUT_TASKS_KEY))
         inner = self.inner_loop(steps=adaptation_steps)
 
         def adapt_all(meta_params: Tree, episodes: TaskEpisodes) -> Tree:
             return adapt_tasks(meta_params, task_data(episodes, self.config.gamma, self.config.gae_lambda), inner)
 
-        result = adaptation_returns(self.sampler, self.held_out_tasks(tasks), self.meta_params, adapt_all,
-                                    episodes=episodes, generator=generator,
-                                    env_seed=derive_seed(seed, HELD_OUT_TASKS_KEY))
-        return {**result, "adaptation_steps": float(adaptation_steps), "horizon": float(self.config.episode_horizon)}
-
-    def learner_state(self) -> dict[str, Any]:
-        return {"meta_params": tree.map(torch.clone, self.meta_params)}
-
-    def load_learner_state(self, state: dict[str, Any]) -> None:
-        tree.check_same_structure(state["meta_params"], self.meta_params, ("saved meta_params", "meta_params"))
-        self.meta_params = tree.map(lambda saved: saved.to(self.device), state["meta_params"])
+        return self.evaluate_adaptation(adapt_all, tasks, adaptation_steps, episodes, seed)

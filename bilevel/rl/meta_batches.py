@@ -26,20 +26,23 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from bilevel import tree
-from bilevel.envs import BatchedNavigation2D, goals_tensor
+from bilevel.envs import BatchedNavigation2D, goals_tensor, make_family
+from bilevel.nets import GaussianMLPPolicy
 from bilevel.rl.baseline import fit_linear_baseline, linear_baseline_values
 from bilevel.rl.collect import collect_episodes, make_vector_env
 from bilevel.rl.returns import discounted_returns, gae
 from bilevel.rl.surrogates import standardize
 from bilevel.rl.trajectories import Trajectories
-from bilevel.runs.learner import derive_seed
+from bilevel.runs.learner import Learner, derive_seed
 from bilevel.tree import Tree
 
 __all__ = [
     "DEFAULT_HORIZONS",
     "HELD_OUT_TASKS_KEY",
     "NAVIGATION",
+    "SEED_PURPOSES",
     "Behaviour",
+    "PolicyGradientLearner",
     "PolicyGradientSettings",
     "TaskData",
     "TaskEpisodes",
@@ -63,6 +66,9 @@ DEFAULT_HORIZONS = {NAVIGATION: 100, "halfcheetah-vel": 200, "halfcheetah-dir": 
 """pytorch-maml-rl's horizons: 100 steps for 2-D navigation, 200 for the MuJoCo tasks."""
 HELD_OUT_TASKS_KEY = 7_919
 """Seeds the held-out tasks of the evaluations (the same for every training seed)."""
+SEED_PURPOSES = {"tasks": 0, "actions": 1, "train_envs": 2, "valid_envs": 3}
+"""An iteration's seeds: ``derive_seed(seed, iteration, SEED_PURPOSES[purpose])`` for its tasks, its
+actions and the environments of its two collections (`PolicyGradientLearner`)."""
 
 
 @dataclasses.dataclass
@@ -464,3 +470,60 @@ def adaptation_returns(
         result[name] = float(per_task.mean())
         result.update({f"{name}_task{i}": float(value) for i, value in enumerate(per_task)})
     return result
+
+
+class PolicyGradientLearner(Learner):
+    """What the on-policy meta-learners (MAML-TRPO, neural BO-MRL) share. From a config with the
+    `PolicyGradientSettings` and ``episodes_per_task``: the task ``family`` of ``config.env``, a
+    `GaussianMLPPolicy` ``policy`` whose ``meta_params`` are the learner's state, and its `TaskSampler`
+    ``sampler``. An iteration's tasks, actions and environments are seeded by `SEED_PURPOSES`, so two
+    such learners see the same tasks at every iteration for the same seed; the evaluation is
+    `adaptation_returns` on `held_out_tasks`."""
+
+    def __init__(self, config: Any, device: torch.device) -> None:
+        super().__init__(config, device)
+        self.family = make_family(config.env)
+        obs_dim, act_dim = space_sizes(config.env, self.family)
+        self.policy = GaussianMLPPolicy(obs_dim, act_dim, hidden=tuple(config.hidden),
+                                        init_log_std=config.init_log_std).to(device)
+        self.meta_params = tree.detach(tree.params_of(self.policy))
+        self.sampler = TaskSampler(config.env, self.family, self.policy, config.episode_horizon, device,
+                                   config.num_envs, config.asynchronous, config.batched_envs)
+
+    def sample(self, tasks: list[Any], params: Tree, generator: torch.Generator | None, *, per_task: bool,
+               env_seed: int, episodes: int | None = None) -> TaskEpisodes:
+        """Episodes of ``params`` (one tree, or one per task when ``per_task``) on ``tasks``,
+        ``config.episodes_per_task`` of them unless ``episodes`` is given."""
+        return self.sampler(tasks, params, generator, per_task=per_task, env_seed=env_seed,
+                            episodes=episodes or self.config.episodes_per_task)
+
+    def _seed(self, purpose: str) -> int:
+        return derive_seed(self.config.seed, self.iteration, SEED_PURPOSES[purpose])
+
+    def held_out_tasks(self, count: int) -> list[Any]:
+        """``count`` tasks from a generator no training iteration uses; both directions for the
+        direction families (two tasks, so train and test coincide)."""
+        return held_out_tasks(self.family, count)
+
+    def evaluate_adaptation(self, adapt: Adaptation, tasks: int, adaptation_steps: int, episodes: int | None,
+                            seed: int) -> dict[str, float]:
+        """`adaptation_returns` of ``adapt`` (``adaptation_steps`` steps, reported with the horizon) on
+        ``tasks`` held-out tasks, ``episodes`` per task (default ``config.episodes_per_task``), drawn from
+        ``seed`` and the config's seed, not from the iteration."""
+        episodes = self.config.episodes_per_task if episodes is None else episodes
+        for name, value, least in (("tasks", tasks, 1), ("adaptation_steps", adaptation_steps, 0),
+                                   ("episodes", episodes, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"`{name}` must be an int >= {least}; got {value!r}")
+        generator = torch.Generator(self.device).manual_seed(derive_seed(self.config.seed, seed, HELD_OUT_TASKS_KEY))
+        result = adaptation_returns(self.sampler, self.held_out_tasks(tasks), self.meta_params, adapt,
+                                    episodes=episodes, generator=generator,
+                                    env_seed=derive_seed(seed, HELD_OUT_TASKS_KEY))
+        return {**result, "adaptation_steps": float(adaptation_steps), "horizon": float(self.config.episode_horizon)}
+
+    def learner_state(self) -> dict[str, Any]:
+        return {"meta_params": tree.map(torch.clone, self.meta_params)}
+
+    def load_learner_state(self, state: dict[str, Any]) -> None:
+        tree.check_same_structure(state["meta_params"], self.meta_params, ("saved meta_params", "meta_params"))
+        self.meta_params = tree.map(lambda saved: saved.to(self.device), state["meta_params"])
