@@ -76,6 +76,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from bilevel import tree
+from bilevel.algorithms.bomrl import DISTANCES
 from bilevel.implicit import implicit_root, implicit_vjp
 from bilevel.inner import adam, known_all_false, newton_cg, unroll
 from bilevel.linalg import SolveInfo
@@ -116,7 +117,6 @@ __all__ = [
     "solve_adaptation",
 ]
 
-DISTANCES = ("D1", "D2", "D3")
 ADAPT_SOLVERS = ("adam", "newton")
 IMPLICIT_SOLVERS = ("cg", "minres", "normal_cg")
 
