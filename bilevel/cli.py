@@ -27,6 +27,7 @@ import itertools
 import json
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -229,14 +230,7 @@ def _report(argv: list[str]) -> int:
     )
     parser.add_argument("reports", type=Path, nargs="+")
     args = parser.parse_args(argv)
-    for report in args.reports:
-        try:
-            count = regenerate(report)
-        except (ValueError, OSError) as error:
-            print(f"bilevel report: {error}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        print(f"{report}: {count} blocks regenerated")
-    return 0
+    return _each_path("report", args.reports, lambda report: f"{report}: {regenerate(report)} blocks regenerated")
 
 
 def _archive(argv: list[str]) -> int:
@@ -250,13 +244,19 @@ def _archive(argv: list[str]) -> int:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--to", type=Path, required=True, metavar="RECORDS")
     args = parser.parse_args(argv)
-    for run in args.runs:
+    return _each_path("archive", args.runs, lambda run: f"{run} -> {archive(run, args.to)}")
+
+
+def _each_path(command: str, paths: list[Path], done: Callable[[Path], str]) -> int:
+    """Print ``done(path)`` for each path in turn; at the first ``ValueError`` or ``OSError``, print
+    ``bilevel COMMAND: error`` and return `EXIT_BAD_INPUT` (the later paths are left), else return 0."""
+    for path in paths:
         try:
-            record = archive(run, args.to)
+            line = done(path)
         except (ValueError, OSError) as error:
-            print(f"bilevel archive: {error}", file=sys.stderr)
+            print(f"bilevel {command}: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        print(f"{run} -> {record}")
+        print(line)
     return 0
 
 
