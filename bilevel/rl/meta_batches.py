@@ -3,8 +3,9 @@
 What MAML-TRPO and BO-MRL share: episodes of a Gaussian policy on ``N`` tasks of a family
 (2-D navigation stepped as one torch batch; the families with ``make_batched_env``, the
 HalfCheetah ones, as one `BatchedHalfCheetah` over all tasks' episodes; the other MuJoCo
-families through Gymnasium vector envs, one per task), per-task advantages, and the
-before/after-adaptation evaluation on held-out tasks.
+families through Gymnasium vector envs, one per task), per-task advantages, the
+before/after-adaptation evaluation on held-out tasks, and the learner that holds the policy,
+its seeds and its state (`PolicyGradientLearner`).
 
 Shape convention: ``N`` tasks, ``T`` steps (the horizon), ``B`` episodes per task, ``D`` and
 ``A`` the observation and action sizes; per-task tensors are time-major ``[T, B, ...]`` and
