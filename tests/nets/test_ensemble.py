@@ -133,12 +133,17 @@ def test_state_dict_round_trip(fitted):
     torch.testing.assert_close(restored.is_holdout, ensemble.is_holdout, rtol=0, atol=0)
 
 
-def test_retraining_on_more_rows_keeps_split_and_bootstrap():
-    data = make_data(1000, seed=7)
+def fitted_on_first_rows(data, rows):
+    """A small ensemble fitted for one epoch on ``data[:rows]``, its generator, and the split it drew."""
     ensemble = ProbabilisticEnsemble(1, 1, ensemble_size=3, num_elites=2, hidden=(8,))
     gen = torch.Generator().manual_seed(0)
-    ensemble.fit(*(x[:600] for x in data), max_epochs=1, generator=gen)
-    is_holdout, bootstrap_idx = ensemble.is_holdout.clone(), ensemble.bootstrap_idx.clone()
+    ensemble.fit(*(x[:rows] for x in data), max_epochs=1, generator=gen)
+    return ensemble, gen, ensemble.is_holdout.clone(), ensemble.bootstrap_idx.clone()
+
+
+def test_retraining_on_more_rows_keeps_split_and_bootstrap():
+    data = make_data(1000, seed=7)
+    ensemble, gen, is_holdout, bootstrap_idx = fitted_on_first_rows(data, 600)
     assert int(is_holdout.sum()) == 120 and bootstrap_idx.shape == (3, 480)
     assert not torch.any(is_holdout[bootstrap_idx])
     ensemble.fit(*data, max_epochs=1, generator=gen)
@@ -152,10 +157,7 @@ def test_retraining_on_more_rows_keeps_split_and_bootstrap():
 
 def test_refitting_on_the_same_rows_or_on_new_holdout_rows_only_keeps_split_and_bootstrap():
     data = make_data(100, seed=7)
-    ensemble = ProbabilisticEnsemble(1, 1, ensemble_size=3, num_elites=2, hidden=(8,))
-    gen = torch.Generator().manual_seed(0)
-    ensemble.fit(*(x[:99] for x in data), max_epochs=1, generator=gen)
-    is_holdout, bootstrap_idx = ensemble.is_holdout.clone(), ensemble.bootstrap_idx.clone()
+    ensemble, gen, is_holdout, bootstrap_idx = fitted_on_first_rows(data, 99)
     ensemble.fit(*(x[:99] for x in data), max_epochs=1, generator=gen)
     assert torch.equal(ensemble.is_holdout, is_holdout) and torch.equal(ensemble.bootstrap_idx, bootstrap_idx)
     ensemble.fit(*data, max_epochs=1, holdout_ratio=0.21, generator=gen)
