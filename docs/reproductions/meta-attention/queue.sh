@@ -6,7 +6,9 @@
 # to runs/matt-code at start so that edits to the working tree do not reach running jobs. After each
 # training call, successful or not, the run's record (config, metrics, evaluations; no checkpoints)
 # is archived from runs/GROUP/RUN to docs/reproductions/records/GROUP/RUN, which the report's
-# figures are drawn from.
+# figures are drawn from. A job whose record already reached its target is done, so a fresh checkout
+# (no runs/) does not train the finished stages again; a run whose checkpoint was lost starts again
+# from scratch. ONLY=REGEX keeps the jobs whose run folder matches (ONLY=matt-bipedal: that stage).
 set -u
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 WORKERS=${1:-1}
@@ -32,16 +34,24 @@ jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   done
 }
 
-done_iterations() {  # the last iteration in RUN/metrics.csv (0 without a checkpoint); targets are checkpoint iterations
-  { [ -f "$1/checkpoints/last.pt" ] && [ -f "$1/metrics.csv" ]; } || { echo 0; return; }
+last_iteration() {  # the last iteration in FOLDER/metrics.csv, 0 without one
+  [ -f "$1/metrics.csv" ] || { echo 0; return; }
   local last; last=$(tail -n 1 "$1/metrics.csv" | cut -d, -f1)
   [[ "$last" =~ ^[0-9]+$ ]] && echo "$last" || echo 0
+}
+
+done_iterations() {  # the run's last checkpointed iteration (targets are checkpoint iterations), or its record's
+  local run=0 record
+  [ -f "$1/checkpoints/last.pt" ] && run=$(last_iteration "$1")
+  record=$(last_iteration "docs/reproductions/records/$(basename "$(dirname "$1")")/$(basename "$1")")
+  echo $(( run > record ? run : record ))
 }
 
 worker() {
   while true; do
     local pending=0 progressed=0
     while read -r dir algo target options; do
+      [[ "$dir" =~ ${ONLY:-.} ]] || continue
       [ "$(done_iterations "$dir")" -ge "$target" ] && continue
       pending=1
       mkdir -p "$(dirname "$dir")"
