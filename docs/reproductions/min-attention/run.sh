@@ -7,7 +7,8 @@
 # package is copied to runs/min-attention/code at start, so edits to the working tree do not reach
 # the runs this invocation starts. One thread per process. After each training call, successful or not,
 # the run's record (config, metrics, evaluations; no checkpoints) is archived to
-# docs/reproductions/records/min-attention/, which the report's figures and summary are drawn from.
+# docs/reproductions/records/min-attention/, which the report's figures and summary are drawn from. A
+# seed whose run folder is absent but whose record reached ITER is done (a fresh checkout has no runs/).
 set -u
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 ITER=${ITER:-24}
@@ -21,6 +22,10 @@ export PYTHONPATH=$PWD/$SNAP OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 train() {  # ALPHA SEED
   local run=runs/min-attention/alpha-$1-s$2 args
   while pgrep -f -- "$run( |\$)" >/dev/null; do sleep 60; done
+  local record=docs/reproductions/records/min-attention/alpha-$1-s$2/metrics.csv
+  if [ ! -f "$run/config.json" ] && [ -f "$record" ] && [ "$(tail -n 1 "$record" | cut -d, -f1)" -ge "$ITER" ]; then
+    echo "$(date -u +%FT%TZ) $run: its record reached $ITER"; return
+  fi
   if [ -f "$run/config.json" ]; then
     args=(mbmpo --resume "$run" --iterations "$ITER" --no-progress)
   else
