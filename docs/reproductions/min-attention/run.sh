@@ -9,34 +9,37 @@
 # the run's record (config, metrics, evaluations; no checkpoints) is archived to
 # docs/reproductions/records/min-attention/, which the report's figures and summary are drawn from. A
 # seed whose run folder is absent but whose record reached ITER is done (a fresh checkout has no runs/).
+# ENV=hopper or walker2d trains that env instead (runs/min-attention-ENV/, records/min-attention-ENV/).
 set -u
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 ITER=${ITER:-24}
 ALPHAS=${ALPHAS:-0 0.05}
 SEEDS=${SEEDS:-0 1 2}
-SNAP=${SNAP:-runs/min-attention/code}
-mkdir -p runs/min-attention
+ENV=${ENV:-halfcheetah}
+GROUP=min-attention; [ "$ENV" = halfcheetah ] || GROUP=min-attention-$ENV
+SNAP=${SNAP:-runs/$GROUP/code}
+mkdir -p "runs/$GROUP"
 rm -rf "$SNAP.new" && mkdir -p "$SNAP.new" && cp -r bilevel "$SNAP.new/" && rm -rf "$SNAP" && mv "$SNAP.new" "$SNAP"
 export PYTHONPATH=$PWD/$SNAP OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 train() {  # ALPHA SEED
-  local run=runs/min-attention/alpha-$1-s$2 args
+  local run=runs/$GROUP/alpha-$1-s$2 args
   while pgrep -f -- "$run( |\$)" >/dev/null; do sleep 60; done
-  local record=docs/reproductions/records/min-attention/alpha-$1-s$2/metrics.csv
+  local record=docs/reproductions/records/$GROUP/alpha-$1-s$2/metrics.csv
   if [ ! -f "$run/config.json" ] && [ -f "$record" ] && [ "$(tail -n 1 "$record" | cut -d, -f1)" -ge "$ITER" ]; then
     echo "$(date -u +%FT%TZ) $run: its record reached $ITER"; return
   fi
   if [ -f "$run/config.json" ]; then
     args=(mbmpo --resume "$run" --iterations "$ITER" --no-progress)
   else
-    args=(mbmpo --env halfcheetah --seed "$2" --attention-weight "$1" --iterations "$ITER"
+    args=(mbmpo --env "$ENV" --seed "$2" --attention-weight "$1" --iterations "$ITER"
           --initial-random-steps 5000 --episodes-per-model 4 --meta-steps 15 --imagined-trajectories 20
           --checkpoint-every 1 --threads 1 --device cpu --no-progress --run-dir "$run")
   fi
   echo "$(date -u +%FT%TZ) $run -> $ITER"
   .venv/bin/bilevel train "${args[@]}" >> "$run.log" 2>&1
   local status=$?
-  .venv/bin/bilevel archive "$run" --to docs/reproductions/records/min-attention >> "$run.log" 2>&1
+  .venv/bin/bilevel archive "$run" --to "docs/reproductions/records/$GROUP" >> "$run.log" 2>&1
   echo "$(date -u +%FT%TZ) $run exit $status"
 }
 
