@@ -169,6 +169,23 @@ def test_cli_smoke_run_resume_and_out_of_distribution_eval(runs):
     assert result["energy_0"] > 0 and result["horizon"] == 10
 
 
+@pytest.mark.parametrize("env", ["hopper", "walker2d"])
+def test_cli_smoke_run_and_out_of_distribution_eval_on_the_terminating_envs(tmp_path, env):
+    run_dir = tmp_path / env
+    argv = ["train", "mbmpo", "--env", env, "--seed", "0", "--iterations", "2", *TINY, "--run-dir", str(run_dir)]
+    assert cli.main(argv) == 0
+    header, *rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()]
+    assert len(rows) == 2
+    for key in ("return", "jacobian_sq", "imagined_return_post_last", "trpo_kl"):
+        assert all(math.isfinite(float(row[header.index(key)])) for row in rows), key
+    for perturbation in ("mass", "crippled-joint", "slope"):
+        assert cli.main(["eval", str(run_dir), "--perturb", perturbation, "--episodes", "2",
+                         "--adaptation-episodes", "2", "--adaptation-steps", "1"]) == 0
+        result = json.loads((run_dir / "eval.json").read_text())
+        assert result["options"]["perturb"] == perturbation and math.isfinite(result["return_1"])
+        assert 0 < result["samples_1"] <= 2 * 10
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
