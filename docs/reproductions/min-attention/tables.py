@@ -1,20 +1,18 @@
-"""Copy the MB-MPO runs' metrics into the report and rewrite its per-iteration table.
+"""Rewrite the report's per-iteration table of the MB-MPO runs.
 
-    python docs/reproductions/min-attention/tables.py runs/min-attention/alpha-0-s0 runs/min-attention/alpha-0.05-s0 ...
+    python docs/reproductions/min-attention/tables.py docs/reproductions/records/min-attention/alpha-*
 
-copies each RUN/metrics.csv to docs/reproductions/min-attention/RUN_NAME.csv and replaces the lines between
-``<!-- runs table -->`` and ``<!-- end runs table -->`` in docs/reproductions/min-attention.md with one row
-per iteration of every run given.
+replaces the lines between ``<!-- runs table -->`` and ``<!-- end runs table -->`` in
+docs/reproductions/min-attention.md with one row per iteration of every run (or record) given, from its
+metrics.csv. The runs' metrics are kept in their records (``bilevel archive``), not copied here.
 """
 
 import csv
 import re
-import shutil
 import sys
 from pathlib import Path
 
 REPORT = Path("docs/reproductions/min-attention.md")
-COPIES = Path("docs/reproductions/min-attention")
 BEGIN, END = "<!-- runs table -->\n", "\n<!-- end runs table -->"
 HEADER = ("| alpha | seed | iteration | real steps | return (200 steps) | imagined return pre, first -> last meta-step "
           "| imagined post, last | `jacobian_sq` | `jerk_sq` | log-std | holdout MSE | s / iteration |\n"
@@ -37,8 +35,6 @@ def table_rows(run: Path) -> list[str]:
 
 
 def main(runs: list[Path]) -> None:
-    for run in runs:
-        shutil.copy(run / "metrics.csv", COPIES / f"{run.name}.csv")
     table = "\n".join([HEADER, *(line for run in runs for line in table_rows(run))])
     text = REPORT.read_text()
     pattern = re.escape(BEGIN) + ".*?" + re.escape(END)
