@@ -20,6 +20,7 @@ from bilevel.envs.locomotion import (
     VelocityReward,
     VelocityTask,
 )
+from bilevel.envs.mujoco_warnings import MujocoWarning, forward_mujoco_warnings
 from bilevel.envs.navigation import BatchedNavigation2D, GoalTask, Navigation2D, Navigation2DEnv, goals_tensor
 from bilevel.envs.perturbations import BodyMassScale, CrippledJoint, FrictionScale, Slope, perturb
 from bilevel.envs.registry import FAMILIES, family_names, make_family, register_all
@@ -35,6 +36,7 @@ from bilevel.envs.tabular import (
 )
 
 register_all()
+forward_mujoco_warnings()
 
 __all__ = [
     "FAMILIES",
@@ -53,6 +55,7 @@ __all__ = [
     "GoalTask",
     "HalfCheetahDirection",
     "HalfCheetahVelocity",
+    "MujocoWarning",
     "Navigation2D",
     "Navigation2DEnv",
     "Slope",
@@ -63,6 +66,7 @@ __all__ = [
     "discounted_visitation",
     "evaluate_policy",
     "family_names",
+    "forward_mujoco_warnings",
     "goals_tensor",
     "make_family",
     "perturb",
