@@ -969,8 +969,8 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
       with the same contents count once), evaluation seed 0 with the run's chosen real-data step
       (`evaluation_curves`), one panel per perturbation, one line per alpha (mean over seeds);
     - ``ood.md``: `ood_summary` as a table (runs with a ``none`` evaluation);
-    - ``jacobian_heatmap.png``: ``mean |d mu / d s|`` (action x state) of the meta-policy for alpha = 0 and the
-      largest alpha, from the runs' checkpoints.
+    - ``jacobian_heatmap.png``: ``mean |d mu / d s|`` (action x state) of the meta-policy for the smallest and
+      the largest alpha among the runs with a checkpoint (none for records, ``bilevel archive``: then no heatmap).
     """
     try:
         import matplotlib
@@ -1035,10 +1035,14 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
 
-    shown = [alphas[0], alphas[-1]] if len(alphas) > 1 else alphas
+    with_checkpoint = {a: [f for f in by_alpha[a] if f.checkpoint_path.exists()] for a in alphas}
+    alphas_with_checkpoint = [a for a in alphas if with_checkpoint[a]]
+    if not alphas_with_checkpoint:
+        return written
+    shown = sorted({alphas_with_checkpoint[0], alphas_with_checkpoint[-1]})
     maps = []
     for alpha in shown:
-        _, learner = load_learner(by_alpha[alpha][0].path, device="cpu")
+        _, learner = load_learner(with_checkpoint[alpha][0].path, device="cpu")
         maps.append(mean_abs_jacobian(learner).numpy())
         learner.close()
     fig, axes = plt.subplots(1, len(maps), figsize=(5 * len(maps), 3.2), squeeze=False, layout="constrained")

@@ -246,6 +246,13 @@ def test_bilevel_plot_draws_the_mbmpo_figures(runs, tmp_path, capsys):
     assert [row[:4] for row in cells] == [["0.5", "mass", "1", "training"], ["0.5", "none", "1", "training"]]
     assert cells[1][6] == "0", "the in-distribution run reaches 90% of its own return before adaptation"
 
+    records = tmp_path / "records"
+    assert cli.main(["archive", str(runs[0]), "--to", str(records)]) == 0
+    from_records = tmp_path / "from-records" / "return.png"
+    assert cli.main(["plot", str(records / runs[0].name), "--out", str(from_records)]) == 0
+    assert (from_records.parent / "ood.md").read_text() == (out.parent / "ood.md").read_text()
+    assert not (from_records.parent / "jacobian_heatmap.png").exists(), "a record has no checkpoint to draw from"
+
 
 @given(returns=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=8),
        reference=st.floats(-1e3, 1e3, allow_nan=False), fraction=st.floats(0.05, 1.0))
