@@ -491,7 +491,7 @@ class MBMPOConfig(TRPOSettings, RunConfig):
     penalty_as_reward: bool = False
     """Subtract the per-step penalty from the imagined rewards instead of adding it to the losses."""
     initial_random_steps: int = 5000
-    """Real steps of uniform random actions before the first model fit."""
+    """Real steps (at least) of uniform random actions before the first model fit, in episodes of the horizon."""
     episodes_per_model: int = 4
     """Real episodes collected by each elite's adapted policy per iteration."""
     meta_steps: int = 30
@@ -725,10 +725,11 @@ class MBMPO(Learner):
         c = self.config
         metrics: dict[str, float] = {}
         if self.iteration == 0:
-            random_batch = self._random_episodes()
-            self._add_real(random_batch)
-            self.env_steps += int(random_batch.valid.sum())
-            metrics["random_return"] = float(random_batch.episode_returns.mean())
+            random_batches = self._random_episodes()
+            for batch in random_batches:
+                self._add_real(batch)
+                self.env_steps += int(batch.valid.sum())
+            metrics["random_return"] = float(torch.cat([b.episode_returns for b in random_batches]).mean())
         metrics.update(self.fit_models())
         generator = torch.Generator(self.device).manual_seed(self._seed("imagine"))
         trpo_rows = [self.meta_step(generator) for _ in range(c.meta_steps)]
@@ -754,7 +755,10 @@ class MBMPO(Learner):
         return {"return": float(torch.cat(returns).mean()), "jacobian_sq": float(np.mean(spatial)),
                 "jerk_sq": float(np.mean(temporal)), "energy": float(torch.cat(energies).mean()), **metrics}
 
-    def _random_episodes(self) -> Trajectories:
+    def _random_episodes(self) -> list[Trajectories]:
+        """Batches of ``ceil(initial_random_steps / horizon)`` episodes of uniform random actions, until they
+        hold ``initial_random_steps`` real steps: one batch where episodes run to the horizon (HalfCheetah),
+        more where they end early (Hopper, Walker2d: a random walker falls within tens of steps)."""
         c = self.config
         episodes = math.ceil(c.initial_random_steps / c.horizon)
         generator = torch.Generator().manual_seed(self._seed("random"))
@@ -763,7 +767,11 @@ class MBMPO(Learner):
         def uniform(obs: Tensor) -> tuple[Tensor, None]:
             return torch.rand(obs.shape[0], act_dim, generator=generator) * 2 - 1, None
 
-        return collect_real(c.env, c.horizon, uniform, episodes, self._seed("random")).episodes
+        batches: list[Trajectories] = []
+        while sum(int(batch.valid.sum()) for batch in batches) < c.initial_random_steps:
+            seed = self._seed("random", len(batches)) if batches else self._seed("random")
+            batches.append(collect_real(c.env, c.horizon, uniform, episodes, seed).episodes)
+        return batches
 
     def evaluate(self, perturb: str | None = None, episodes: int = 5, adaptation_episodes: int = 5,
                  adaptation_steps: int = 3, seed: int = 0, adaptation_lr: float | None = None) -> dict[str, float]:

@@ -169,6 +169,25 @@ def test_cli_smoke_run_resume_and_out_of_distribution_eval(runs):
     assert result["energy_0"] > 0 and result["horizon"] == 10
 
 
+@pytest.mark.parametrize(("env", "batches"), [("halfcheetah", 1), ("hopper", None)])
+def test_the_random_phase_holds_at_least_initial_random_steps_real_steps(env, batches):
+    from bilevel.algorithms.mbmpo import MBMPO
+
+    config = MBMPOConfig(env=env, horizon=100, initial_random_steps=300, device="cpu")
+    config.validate()
+    learner = MBMPO(config, torch.device("cpu"))
+    try:
+        random_batches = learner._random_episodes()
+    finally:
+        learner.close()
+    steps = sum(int(batch.valid.sum()) for batch in random_batches)
+    assert steps >= 300 and steps - int(random_batches[-1].valid.sum()) < 300
+    if batches is not None:
+        assert len(random_batches) == batches and steps == 300, "episodes that run to the horizon: one batch"
+    else:
+        assert len(random_batches) > 1, "a random Hopper falls within tens of steps, so one batch is short"
+
+
 @pytest.mark.parametrize("env", ["hopper", "walker2d"])
 def test_cli_smoke_run_and_out_of_distribution_eval_on_the_terminating_envs(tmp_path, env):
     run_dir = tmp_path / env
