@@ -13,7 +13,8 @@ outside them is prose and is left alone. Two kinds of block:
 
 Folder arguments are paths or glob patterns relative to the working directory; a sweep
 folder stands for its trials. ``out`` is relative to the report's own folder; ``xmax=N`` cuts the
-curves at ``x <= N`` (runs that continued past the budget a report describes).
+curves, and the rows a summary averages, at ``x <= N`` (runs that continued past the budget a
+report describes; ``x`` defaults to ``env_steps`` in both).
 ``bilevel report FILE...`` rewrites each file atomically.
 """
 
@@ -48,12 +49,20 @@ def _parse(arguments: str, where: str) -> tuple[list[Path], dict[str, str]]:
     return expand_sweeps(folders), options
 
 
+def _x_max(options: dict[str, str], where: str) -> float | None:
+    try:
+        return float(options["xmax"]) if "xmax" in options else None
+    except ValueError:
+        raise ValueError(f"{where}: xmax must be a number; got {options['xmax']!r}") from None
+
+
 def _summary(folders: list[Path], options: dict[str, str], where: str) -> str:
     metric, last = options.get("metric", "return"), int(options.get("last", 5))
-    rows = summary_rows(folders, metric, last)
+    x, x_max = options.get("x", "env_steps"), _x_max(options, where)
+    rows = summary_rows(folders, metric, last, x=x, x_max=x_max)
     if not rows:
         raise ValueError(f"{where}: none of {len(folders)} folders has metric {metric!r}")
-    return summary_markdown(rows, metric, last)
+    return summary_markdown(rows, metric, last, x=x, x_max=x_max)
 
 
 def _curves(folders: list[Path], options: dict[str, str], report: Path, where: str) -> str:
@@ -62,11 +71,7 @@ def _curves(folders: list[Path], options: dict[str, str], report: Path, where: s
     if "out" not in options:
         raise ValueError(f"{where}: a curves block needs out=FILE.png")
     y, x = options.get("y", "return"), options.get("x", "env_steps")
-    try:
-        x_max = float(options["xmax"]) if "xmax" in options else None
-    except ValueError:
-        raise ValueError(f"{where}: xmax must be a number; got {options['xmax']!r}") from None
-    plot_curves(folders, report.parent / options["out"], x=x, y=y, x_max=x_max)
+    plot_curves(folders, report.parent / options["out"], x=x, y=y, x_max=_x_max(options, where))
     return f"![{y} against {x}]({options['out']})\n"
 
 

@@ -250,9 +250,11 @@ def expand_sweeps(paths: list[str | Path]) -> list[Path]:
     return runs
 
 
-def summary_rows(run_dirs: list[str | Path], metric: str = "return", last: int = 5) -> list[dict[str, Any]]:
+def summary_rows(run_dirs: list[str | Path], metric: str = "return", last: int = 5, *,
+                 x: str = "env_steps", x_max: float | None = None) -> list[dict[str, Any]]:
     """Final ``metric`` (the mean of each run's last ``last`` rows) per configuration of
-    ``run_dirs``, with the mean and standard error over seeds."""
+    ``run_dirs``, with the mean and standard error over seeds. With ``x_max``, only the rows with
+    ``row[x] <= x_max`` count (runs that went on past the budget being compared)."""
     from bilevel.runs.plot import group_by_config
 
     folders = [RunFolder(path) for path in run_dirs if (Path(path) / "config.json").exists()]
@@ -260,7 +262,8 @@ def summary_rows(run_dirs: list[str | Path], metric: str = "return", last: int =
     for label, group in group_by_config(folders).items():
         finals = []
         for folder in group:
-            values = [row[metric] for row in folder.read_metrics() if metric in row][-last:]
+            kept = [row for row in folder.read_metrics() if x_max is None or row.get(x, math.inf) <= x_max]
+            values = [row[metric] for row in kept if metric in row][-last:]
             if values:
                 finals.append(sum(values) / len(values))
         if not finals:
@@ -272,9 +275,12 @@ def summary_rows(run_dirs: list[str | Path], metric: str = "return", last: int =
     return rows
 
 
-def summary_markdown(rows: list[dict[str, Any]], metric: str = "return", last: int = 5) -> str:
+def summary_markdown(rows: list[dict[str, Any]], metric: str = "return", last: int = 5, *,
+                     x: str = "env_steps", x_max: float | None = None) -> str:
     """``rows`` of `summary_rows` as a Markdown table."""
-    md = [f"| config | seeds | final {metric} (mean of last {last} rows) | standard error |", "|---|---:|---:|---:|"]
+    cut = "" if x_max is None else f" with {x} <= {x_max:g}"
+    md = [f"| config | seeds | final {metric} (mean of last {last} rows{cut}) | standard error |",
+          "|---|---:|---:|---:|"]
     md += [f"| {r['config']} | {r['seeds']} | {r['mean']:.4g} | "
            f"{format(r['stderr'], '.2g') if math.isfinite(r['stderr']) else 'n/a (one seed)'} |" for r in rows]
     return "\n".join(md) + "\n"

@@ -98,6 +98,20 @@ def test_xmax_cuts_the_curves_and_a_bad_value_is_named(runs):
         regenerate(report)
 
 
+def test_xmax_cuts_the_rows_a_summary_averages(runs):
+    report = runs / "report.md"
+    report.write_text("<!-- bilevel:summary runs/lr0.1-* last=2 xmax=200 -->\n<!-- bilevel:end -->\n")
+    assert regenerate(report) == 1
+    text = report.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| maml-trpo"))
+    finals = [statistics.mean([-50.0, -40.0]), statistics.mean([-52.0, -44.0])]
+    assert float(row.strip("|").split("|")[2]) == pytest.approx(statistics.mean(finals), abs=1e-3)
+    assert "with env_steps <= 200" in text
+    report.write_text("<!-- bilevel:summary runs/lr* xmax=lots -->\n<!-- bilevel:end -->\n")
+    with pytest.raises(ValueError, match=r"report\.md:1.*xmax.*'lots'"):
+        regenerate(report)
+
+
 def test_a_field_missing_from_an_older_config_counts_as_its_default(tmp_path):
     from bilevel.runs.learner import get_algorithm
     from bilevel.runs.plot import group_by_config
