@@ -188,7 +188,12 @@ class ProbabilisticEnsemble(nn.Module):
         """
         layers = self.member_layers(member_idx)
         mean, logvar = self.normalised_forward(self._member_inputs(obs, act, layers), layers=layers)
-        return self.target_mean + self.target_std * mean, logvar + 2.0 * torch.log(self.target_std)
+        return self._environment_units(mean, logvar)
+
+    def _environment_units(self, mean: Tensor, logvar: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Normalised ``(mean, logvar)`` -> ``(mu_y + sigma_y * mean, logvar + 2 log sigma_y)``; None stays None."""
+        env_mean = self.target_mean + self.target_std * mean
+        return env_mean, None if logvar is None else logvar + 2.0 * torch.log(self.target_std)
 
     def _member_inputs(self, obs: Tensor, act: Tensor, layers: MemberLayers) -> Tensor:
         """The normalised inputs ``[M, N, in]`` of the ``M`` members of ``layers``, from shared ``[N, ...]``
@@ -231,11 +236,8 @@ class ProbabilisticEnsemble(nn.Module):
 
         def predict(obs: Tensor, act: Tensor, *, generator: torch.Generator | None = None) -> Prediction:
             mean, raw_logvar = self._normalised_outputs(self._member_inputs(obs, act, layers), layers)
-            target = self.target_mean + self.target_std * mean
-            if deterministic:
-                return self._sample(obs, target, None, generator, deterministic=True)
-            logvar = soft_clamp(raw_logvar, self.min_logvar, self.max_logvar) + 2.0 * torch.log(self.target_std)
-            return self._sample(obs, target, logvar, generator, deterministic=False)
+            logvar = None if deterministic else soft_clamp(raw_logvar, self.min_logvar, self.max_logvar)
+            return self._sample(obs, *self._environment_units(mean, logvar), generator, deterministic)
 
         return predict
 
