@@ -161,12 +161,14 @@ def _plot(argv: list[str]) -> int:
     parser.add_argument("--x", default="env_steps")
     parser.add_argument("--y", default="return")
     parser.add_argument("--out", type=Path, help="the PNG (default: FIRST/plots/Y.png)")
+    parser.add_argument("--xmax", type=float, help="use only the metrics rows with X (and env_steps, in the "
+                        "algorithms' own figures) at most this; runs compared at a smaller budget than they ran")
     args = parser.parse_args(argv)
     out = args.out or args.runs[0] / "plots" / f"{args.y}.png"
     try:
         runs = expand_sweeps(args.runs)
-        path = plot_curves(runs, out, x=args.x, y=args.y)
-        extra = _algorithm_plots(runs, out.parent)
+        path = plot_curves(runs, out, x=args.x, y=args.y, x_max=args.xmax)
+        extra = _algorithm_plots(runs, out.parent, args.xmax)
         for sweep in (p for p in args.runs if (p / "sweep.json").exists()):
             summarize(sweep, metric=args.y)
             print(sweep / "summary.md")
@@ -179,7 +181,7 @@ def _plot(argv: list[str]) -> int:
     return 0
 
 
-def _algorithm_plots(runs: list[Path], out_dir: Path) -> list[Path]:
+def _algorithm_plots(runs: list[Path], out_dir: Path, x_max: float | None) -> list[Path]:
     """Each algorithm's own figures (`Learner.plot_runs`) of the runs it trained."""
     from bilevel.runs.folder import RunFolder
 
@@ -188,7 +190,7 @@ def _algorithm_plots(runs: list[Path], out_dir: Path) -> list[Path]:
         algorithm, _ = RunFolder(run).read_config()
         by_algorithm.setdefault(algorithm, []).append(run)
     return [figure for name, group in sorted(by_algorithm.items())
-            for figure in get_algorithm(name).plot_runs(group, out_dir)]
+            for figure in get_algorithm(name).plot_runs(group, out_dir, x_max=x_max)]
 
 
 def _sweep(argv: list[str]) -> int:

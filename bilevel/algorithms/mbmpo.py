@@ -589,9 +589,9 @@ class MBMPO(Learner):
     envs = tuple(ENV_IDS)
 
     @staticmethod
-    def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    def plot_runs(run_dirs: list[Path], out_dir: Path, *, x_max: float | None = None) -> list[Path]:
         """`plot_mbmpo` (alpha sweep, adaptation curves, Jacobian heatmaps), for ``bilevel plot``."""
-        return plot_mbmpo(run_dirs, out_dir)
+        return plot_mbmpo(run_dirs, out_dir, x_max=x_max)
 
     def __init__(self, config: MBMPOConfig, device: torch.device) -> None:
         super().__init__(config, device)
@@ -967,11 +967,13 @@ def ood_markdown(rows: list[dict[str, Any]], fraction: float = 0.9) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
+def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path, *, x_max: float | None = None,
+               last: int = 3) -> list[Path]:
     """The minimum-attention figures of ``run_dirs`` (mbmpo runs, any alphas and seeds) into ``out_dir``:
 
-    - ``alpha_sweep.png``: last-iteration return, ``jacobian_sq``, ``jerk_sq`` and ``energy`` against alpha
-      (mean and standard deviation over seeds);
+    - ``alpha_sweep.png``: return, ``jacobian_sq``, ``jerk_sq`` and ``energy`` against alpha, each run's mean
+      over its last ``last`` iterations with ``env_steps <= x_max`` (all, without ``x_max``), then mean and
+      standard deviation over seeds;
     - ``adaptation.png``: return against adaptation samples from each run's ``eval*.json`` (written by
       ``bilevel eval RUN --perturb ...``; copy ``eval.json`` to ``eval-PERTURB.json`` to keep several; files
       with the same contents count once), evaluation seed 0 with the run's chosen real-data step
@@ -987,7 +989,7 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("plotting needs matplotlib: pip install 'bilevel[plot]'") from None
-    from bilevel.runs.folder import RunFolder
+    from bilevel.runs.folder import RunFolder, final_mean
     from bilevel.runs.loop import load_learner
 
     folders = [RunFolder(d) for d in run_dirs]
@@ -1005,7 +1007,10 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     keys = ("return", "jacobian_sq", "jerk_sq", "energy")
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
     for ax, key in zip(axes, keys, strict=True):
-        finals = [[f.read_metrics()[-1][key] for f in by_alpha[a]] for a in alphas]
+        finals = [[final_mean(f.read_metrics(), key, last, x_max=x_max) for f in by_alpha[a]] for a in alphas]
+        if any(value is None for values in finals for value in values):
+            within = "" if x_max is None else f" with env_steps <= {x_max:g}"
+            raise ValueError(f"a run has no {key!r} row{within}")
         ax.errorbar(range(len(alphas)), [np.mean(v) for v in finals], yerr=[np.std(v) for v in finals],
                     marker="o", capsize=3)
         ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])

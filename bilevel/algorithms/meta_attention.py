@@ -363,11 +363,11 @@ class MetaAttention(LookAheadMetaLearner):
         return analysis if self.config.analysis_states and analysis else {}
 
     @staticmethod
-    def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    def plot_runs(run_dirs: list[Path], out_dir: Path, *, x_max: float | None = None) -> list[Path]:
         """Section 4.3's figures: ``ALGORITHM_q_gap.png``, the mean ``Q1(s, pi'_psi(s)) - Q1(s, pi_phi(s))``
         over evaluation states against env steps with a 95% band over the seeds of each config, and
         ``ALGORITHM_tsne.png`` (`plot_feature_embeddings`) for the first run that saved features."""
-        return plot_q_gap(run_dirs, out_dir) + plot_feature_embeddings(run_dirs, out_dir)
+        return plot_q_gap(run_dirs, out_dir, x_max=x_max) + plot_feature_embeddings(run_dirs, out_dir)
 
 
 VARIANTS: dict[str, type[Learner]] = {}
@@ -405,9 +405,10 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_q_gap(run_dirs: list[Path], out_dir: Path) -> list[Path]:
-    """``ALGORITHM_q_gap.png``: the evaluation metric ``q_attention_minus_vanilla`` against ``env_steps``,
-    mean and 95% band over the seeds of each config group of ``run_dirs`` (all one algorithm)."""
+def plot_q_gap(run_dirs: list[Path], out_dir: Path, *, x_max: float | None = None) -> list[Path]:
+    """``ALGORITHM_q_gap.png``: the evaluation metric ``q_attention_minus_vanilla`` against ``env_steps``
+    (up to ``x_max`` where given), mean and 95% band over the seeds of each config group of ``run_dirs``
+    (all one algorithm)."""
     from bilevel.runs.folder import RunFolder, metric_series
     from bilevel.runs.plot import group_by_config, seed_band
 
@@ -415,7 +416,7 @@ def plot_q_gap(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, group in group_by_config(folders).items():
-        curves = [metric_series(f.read_metrics(), "env_steps", "q_attention_minus_vanilla") for f in group]
+        curves = [metric_series(f.read_metrics(), "env_steps", "q_attention_minus_vanilla", x_max) for f in group]
         if not any(x for x, _ in curves):
             continue
         grid, mean, low, high, _ = seed_band(curves)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -28,7 +29,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["MetricsWriter", "RunFolder", "archive", "atomic_save", "atomic_write_text"]
+__all__ = ["MetricsWriter", "RunFolder", "archive", "atomic_save", "atomic_write_text", "final_mean"]
 
 
 def _atomic_write(path: Path, mode: str, write: Callable[[IO[Any]], object]) -> None:
@@ -149,6 +150,14 @@ def metric_series(
     """The (x, y) pairs of the rows that have both metrics (and ``x <= x_max`` where given)."""
     pairs = [(row[x], row[y]) for row in rows if x in row and y in row and (x_max is None or row[x] <= x_max)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def final_mean(rows: Iterable[dict[str, float]], metric: str, last: int, *, x: str = "env_steps",
+               x_max: float | None = None) -> float | None:
+    """The mean of the last ``last`` values of ``metric`` (among the rows with ``x <= x_max``, where
+    given): a run's final value at a budget. None when no such row has the metric."""
+    values = [row[metric] for row in rows if metric in row and (x_max is None or row.get(x, math.inf) <= x_max)]
+    return sum(values[-last:]) / len(values[-last:]) if values else None
 
 
 def archive(run: str | Path, records: str | Path) -> Path:

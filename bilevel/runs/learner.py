@@ -109,9 +109,10 @@ class Learner(abc.ABC):
         return {}
 
     @staticmethod
-    def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    def plot_runs(run_dirs: list[Path], out_dir: Path, *, x_max: float | None = None) -> list[Path]:
         """The algorithm's own figures of ``run_dirs`` (all trained by this algorithm) into
-        ``out_dir``, beyond the learning curves every run gets; ``bilevel plot`` calls it.
+        ``out_dir``, beyond the learning curves every run gets; ``bilevel plot`` calls it. Figures drawn
+        from the metrics use only the rows with ``env_steps <= x_max`` where it is given.
         Returns the files written (none by default)."""
         return []
 

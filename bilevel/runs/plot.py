@@ -91,7 +91,10 @@ def plot_curves(
     folders = [RunFolder(d) for d in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, group in group_by_config(folders).items():
-        grid, mean, low, high, _ = seed_band([metric_series(f.read_metrics(), x, y, x_max) for f in group])
+        curves = [metric_series(f.read_metrics(), x, y, x_max) for f in group]
+        if x_max is not None and not any(xs for xs, _ in curves):
+            raise ValueError(f"{label}: no run has a {y!r} row with {x} <= {x_max:g}")
+        grid, mean, low, high, _ = seed_band(curves)
         ax.plot(grid, mean, label=f"{label} ({len(group)} seeds)")
         ax.fill_between(grid, low, high, alpha=0.25)
     ax.set_xlabel(x)

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from bilevel.runs.folder import RunFolder, atomic_write_text
+from bilevel.runs.folder import RunFolder, atomic_write_text, final_mean
 from bilevel.runs.learner import Learner, get_algorithm
 from bilevel.runs.loop import make_config, train
 
@@ -262,10 +262,9 @@ def summary_rows(run_dirs: list[str | Path], metric: str = "return", last: int =
     for label, group in group_by_config(folders).items():
         finals = []
         for folder in group:
-            kept = [row for row in folder.read_metrics() if x_max is None or row.get(x, math.inf) <= x_max]
-            values = [row[metric] for row in kept if metric in row][-last:]
-            if values:
-                finals.append(sum(values) / len(values))
+            final = final_mean(folder.read_metrics(), metric, last, x=x, x_max=x_max)
+            if final is not None:
+                finals.append(final)
         if not finals:
             continue
         mean = sum(finals) / len(finals)

@@ -31,6 +31,7 @@ from bilevel.envs.rewards import half_cheetah_reward
 from bilevel.linalg import gauss_newton_vector_operator, hessian_vector_operator
 from bilevel.nets import GaussianMLPPolicy, ProbabilisticEnsemble
 from bilevel.rl.meta_batches import TaskData
+from bilevel.runs.folder import RunFolder
 from bilevel.runs.loop import evaluate_run, load_learner
 
 TINY = ["--horizon", "10", "--initial-random-steps", "30", "--episodes-per-model", "1", "--meta-steps", "1",
@@ -271,6 +272,11 @@ def test_bilevel_plot_draws_the_mbmpo_figures(runs, tmp_path, capsys):
     assert cli.main(["plot", str(records / runs[0].name), "--out", str(from_records)]) == 0
     assert (from_records.parent / "ood.md").read_text() == (out.parent / "ood.md").read_text()
     assert not (from_records.parent / "jacobian_heatmap.png").exists(), "a record has no checkpoint to draw from"
+
+    first_steps = RunFolder(runs[0]).read_metrics()[0]["env_steps"]
+    assert cli.main(["plot", *map(str, runs), "--out", str(out), "--xmax", str(first_steps)]) == 0
+    assert cli.main(["plot", *map(str, runs), "--out", str(out), "--xmax", str(first_steps - 1)]) == 2
+    assert f"env_steps <= {first_steps - 1:g}" in capsys.readouterr().err
 
 
 @given(returns=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=8),

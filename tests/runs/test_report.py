@@ -3,8 +3,10 @@
 import statistics
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from bilevel.runs.folder import MetricsWriter, RunFolder, metric_series
+from bilevel.runs.folder import MetricsWriter, RunFolder, final_mean, metric_series
 from bilevel.runs.report import regenerate
 
 
@@ -110,6 +112,15 @@ def test_xmax_cuts_the_rows_a_summary_averages(runs):
     report.write_text("<!-- bilevel:summary runs/lr* xmax=lots -->\n<!-- bilevel:end -->\n")
     with pytest.raises(ValueError, match=r"report\.md:1.*xmax.*'lots'"):
         regenerate(report)
+
+
+@given(values=st.lists(st.floats(-1e6, 1e6), max_size=12), last=st.integers(1, 5), x_max=st.integers(0, 13))
+def test_final_mean_averages_the_last_rows_within_the_budget(values, last, x_max):
+    rows = [{"env_steps": float(k), "return": v} for k, v in enumerate(values, 1)] + [{"env_steps": 99.0}]
+    kept = values[:x_max][-last:]
+    final = final_mean(rows, "return", last, x_max=x_max)
+    assert final is None if not kept else final == pytest.approx(sum(kept) / len(kept), abs=1e-6)
+    assert final_mean(rows, "return", last) == (sum(values[-last:]) / len(values[-last:]) if values else None)
 
 
 def test_a_field_missing_from_an_older_config_counts_as_its_default(tmp_path):

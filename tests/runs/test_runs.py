@@ -79,7 +79,7 @@ class BanditLearner(Learner):
         self.generator.set_state(state["generator"])
 
     @staticmethod
-    def plot_runs(run_dirs, out_dir):
+    def plot_runs(run_dirs, out_dir, *, x_max=None):
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "bandit_runs.txt"
         path.write_text("\n".join(sorted(p.name for p in run_dirs)))
