@@ -7,6 +7,8 @@ outside them is prose and is left alone. Two kinds of block:
     | config | seeds | final return ... |        (rewritten from the folders' metrics.csv)
     <!-- bilevel:end -->
 
+(``metric=return,jerk_sq`` gives a column pair per metric.)
+
     <!-- bilevel:curves sweeps/alpha out=min-attention/curves.png y=return x=env_steps -->
     ![return](min-attention/curves.png)           (the figure is redrawn, the link rewritten)
     <!-- bilevel:end -->
@@ -57,12 +59,13 @@ def _x_max(options: dict[str, str], where: str) -> float | None:
 
 
 def _summary(folders: list[Path], options: dict[str, str], where: str) -> str:
-    metric, last = options.get("metric", "return"), int(options.get("last", 5))
+    metrics, last = options.get("metric", "return").split(","), int(options.get("last", 5))
     x, x_max = options.get("x", "env_steps"), _x_max(options, where)
-    rows = summary_rows(folders, metric, last, x=x, x_max=x_max)
-    if not rows:
-        raise ValueError(f"{where}: none of {len(folders)} folders has metric {metric!r}")
-    return summary_markdown(rows, metric, last, x=x, x_max=x_max)
+    rows_by_metric = {metric: summary_rows(folders, metric, last, x=x, x_max=x_max) for metric in metrics}
+    for metric, rows in rows_by_metric.items():
+        if not rows:
+            raise ValueError(f"{where}: none of {len(folders)} folders has metric {metric!r}")
+    return summary_markdown(rows_by_metric, last, x=x, x_max=x_max)
 
 
 def _curves(folders: list[Path], options: dict[str, str], report: Path, where: str) -> str:

@@ -274,14 +274,27 @@ def summary_rows(run_dirs: list[str | Path], metric: str = "return", last: int =
     return rows
 
 
-def summary_markdown(rows: list[dict[str, Any]], metric: str = "return", last: int = 5, *,
+def summary_markdown(rows_by_metric: dict[str, list[dict[str, Any]]], last: int = 5, *,
                      x: str = "env_steps", x_max: float | None = None) -> str:
-    """``rows`` of `summary_rows` as a Markdown table."""
+    """`summary_rows` of one or more metrics (``{metric: rows}``) as one Markdown table: a row per
+    configuration, the mean and standard error over seeds of each metric (seeds: the most of any metric)."""
     cut = "" if x_max is None else f" with {x} <= {x_max:g}"
-    md = [f"| config | seeds | final {metric} (mean of last {last} rows{cut}) | standard error |",
-          "|---|---:|---:|---:|"]
-    md += [f"| {r['config']} | {r['seeds']} | {r['mean']:.4g} | "
-           f"{format(r['stderr'], '.2g') if math.isfinite(r['stderr']) else 'n/a (one seed)'} |" for r in rows]
+    by_config: dict[str, dict[str, dict[str, Any]]] = {}
+    for metric, rows in rows_by_metric.items():
+        for row in rows:
+            by_config.setdefault(row["config"], {})[metric] = row
+
+    def cells(row: dict[str, Any] | None) -> str:
+        if row is None:
+            return " | "
+        stderr = format(row["stderr"], ".2g") if math.isfinite(row["stderr"]) else "n/a (one seed)"
+        return f"{row['mean']:.4g} | {stderr}"
+
+    header = " | ".join(f"final {metric} (mean of last {last} rows{cut}) | standard error" for metric in rows_by_metric)
+    md = [f"| config | seeds | {header} |", "|---|---:|" + "---:|---:|" * len(rows_by_metric)]
+    md += [f"| {config} | {max(row['seeds'] for row in rows.values())} | "
+           + " | ".join(cells(rows.get(metric)) for metric in rows_by_metric) + " |"
+           for config, rows in by_config.items()]
     return "\n".join(md) + "\n"
 
 
@@ -293,5 +306,5 @@ def summarize(sweep_dir: str | Path, metric: str = "return", last: int = 5) -> l
     csv_lines = ["config,seeds,mean,stderr"] + [f'"{r["config"]}",{r["seeds"]},{r["mean"]!r},{r["stderr"]!r}'
                                                 for r in rows]
     atomic_write_text(sweep_path / "summary.csv", "\n".join(csv_lines) + "\n")
-    atomic_write_text(sweep_path / "summary.md", summary_markdown(rows, metric, last))
+    atomic_write_text(sweep_path / "summary.md", summary_markdown({metric: rows}, last))
     return rows

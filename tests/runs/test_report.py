@@ -114,6 +114,24 @@ def test_xmax_cuts_the_rows_a_summary_averages(runs):
         regenerate(report)
 
 
+def test_a_summary_of_several_metrics_has_a_column_pair_each(runs):
+    for name, values in [("lr0.1-s0", [1.0, 3.0]), ("lr0.1-s1", [5.0, 7.0])]:
+        writer = MetricsWriter(RunFolder(runs / "runs" / name).metrics_path)
+        for step, value in enumerate(values, 4):
+            writer.append({"iteration": step, "env_steps": 100 * step, "return": -10.0, "jerk_sq": value})
+    report = runs / "report.md"
+    report.write_text("<!-- bilevel:summary runs/lr* metric=return,jerk_sq last=2 -->\n<!-- bilevel:end -->\n")
+    regenerate(report)
+    lines = report.read_text().splitlines()
+    assert "final return" in lines[1] and "final jerk_sq" in lines[1] and lines[1].count("standard error") == 2
+    row = [c.strip() for c in next(line for line in lines if "inner_lr=0.1" in line).strip("|").split("|")]
+    assert row[1] == "2" and float(row[2]) == -10.0 and float(row[3]) == 0.0
+    assert float(row[4]) == pytest.approx(statistics.mean([2.0, 6.0]))
+    assert float(row[5]) == pytest.approx(statistics.stdev([2.0, 6.0]) / 2**0.5, rel=0.05)
+    other = [c.strip() for c in next(line for line in lines if "inner_lr=0.5" in line).strip("|").split("|")]
+    assert other[1] == "1" and other[4] == "" and other[5] == "", "a config without the metric leaves its cells empty"
+
+
 @given(values=st.lists(st.floats(-1e6, 1e6), max_size=12), last=st.integers(1, 5), x_max=st.integers(0, 13))
 def test_final_mean_averages_the_last_rows_within_the_budget(values, last, x_max):
     rows = [{"env_steps": float(k), "return": v} for k, v in enumerate(values, 1)] + [{"env_steps": 99.0}]
