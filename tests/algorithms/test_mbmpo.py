@@ -24,6 +24,7 @@ from bilevel.algorithms.mbmpo import (
     meta_objectives,
     meta_update,
     model_data,
+    plot_mbmpo,
     policy_distribution,
     samples_to_fraction,
 )
@@ -277,6 +278,8 @@ def test_bilevel_plot_draws_the_mbmpo_figures(runs, tmp_path, capsys):
     assert cli.main(["plot", *map(str, runs), "--out", str(out), "--xmax", str(first_steps)]) == 0
     assert cli.main(["plot", *map(str, runs), "--out", str(out), "--xmax", str(first_steps - 1)]) == 2
     assert f"env_steps <= {first_steps - 1:g}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"no 'return' row with env_steps <= {first_steps - 1:g}"):
+        plot_mbmpo(runs, tmp_path / "cut", x_max=first_steps - 1)
 
 
 @given(returns=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=8),
