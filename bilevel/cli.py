@@ -135,7 +135,9 @@ def _train(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     from bilevel.runs.loop import evaluate_run
 
-    parser = argparse.ArgumentParser(prog="bilevel eval", description="Evaluate a run's last checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="bilevel eval",
+        description="Evaluate a run's last checkpoint, or an archived record's evaluation state.")
     parser.add_argument("run", type=Path)
     parser.add_argument("--device", default=None)
     args, rest = parser.parse_known_args(argv)
@@ -240,8 +242,9 @@ def _archive(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="bilevel archive",
-        description="Copy each run's config.json, metrics.csv and evaluation JSONs (not its checkpoints) to "
-        "RECORDS/RUN_NAME/, a folder small enough to commit that reports and plots can read.",
+        description="Copy each run's config.json, metrics.csv, evaluation JSONs and evaluation state (not its "
+        "checkpoints) to RECORDS/RUN_NAME/, a folder small enough to commit that reports, plots and evaluations "
+        "can read.",
     )
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--to", type=Path, required=True, metavar="RECORDS")

@@ -5,12 +5,15 @@
       metrics.csv          one row per iteration, flushed as it is written
       events.*             TensorBoard events (when tensorboard is installed)
       checkpoints/last.pt  the latest checkpoint, replaced atomically
+      evaluation_state.pt  what ``bilevel eval`` needs of the latest checkpoint (`Learner.evaluation_state`),
+                           written beside it by learners that define one
       eval.json            the latest ``bilevel eval`` result
       plots/               figures from ``bilevel plot``
 
-A *record* of a run (``archive``) keeps its config.json, metrics.csv and evaluation JSONs,
-not its checkpoints: small enough to commit beside a report, and still a run folder for
-``bilevel report`` and ``bilevel plot`` (not for ``--resume`` or ``bilevel eval``).
+A *record* of a run (``archive``) keeps its config.json, metrics.csv, evaluation JSONs and
+evaluation state, not its checkpoints: small enough to commit beside a report, and still a run
+folder for ``bilevel report``, ``bilevel plot`` and, where it has an evaluation state, ``bilevel eval``
+(never for ``--resume``).
 
 Every file that a crash could leave half-written is written to a temporary file in
 the same folder and moved into place with ``os.replace``.
@@ -117,6 +120,10 @@ class RunFolder:
         return self.path / "checkpoints" / "last.pt"
 
     @property
+    def evaluation_state_path(self) -> Path:
+        return self.path / "evaluation_state.pt"
+
+    @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.csv"
 
@@ -161,8 +168,8 @@ def final_mean(rows: Iterable[dict[str, float]], metric: str, last: int, *, x: s
 
 
 def archive(run: str | Path, records: str | Path) -> Path:
-    """Copy the record of ``run`` (config.json, metrics.csv, ``*.json`` evaluations) to
-    ``records/<run's name>/``, each file atomically; the record's other files are kept, so
+    """Copy the record of ``run`` (config.json, metrics.csv, ``*.json`` evaluations, evaluation_state.pt)
+    to ``records/<run's name>/``, each file atomically; the record's other files are kept, so
     archiving again after more iterations updates it. Returns the record's folder."""
     source = RunFolder(run)
     if not source.exists():
@@ -173,4 +180,7 @@ def archive(run: str | Path, records: str | Path) -> Path:
     for file in [*sorted(source.path.glob("*.json")), source.metrics_path]:
         if file.exists():
             atomic_write_text(record / file.name, file.read_text())
+    if source.evaluation_state_path.exists():
+        _atomic_write(record / source.evaluation_state_path.name, "wb",
+                      lambda handle: handle.write(source.evaluation_state_path.read_bytes()))
     return record

@@ -91,6 +91,16 @@ class Learner(abc.ABC):
     def load_learner_state(self, state: dict[str, Any]) -> None:
         """Restore what `learner_state` returned."""
 
+    def evaluation_state(self) -> dict[str, Any] | None:
+        """The part of `learner_state` that `evaluate` reads (a meta-policy and its observation normaliser,
+        say), small enough to keep in a run's record so that ``bilevel eval`` works on the record after the
+        checkpoint is gone. None (the default): `evaluate` needs the whole state."""
+        return None
+
+    def load_evaluation_state(self, state: dict[str, Any]) -> None:
+        """Restore what `evaluation_state` returned; the rest of the learner stays as built."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no evaluation state")
+
     def state_dict(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "env_steps": self.env_steps, "learner": self.learner_state()}
 

@@ -17,7 +17,8 @@ import torch
 from bilevel.runs.folder import MetricsWriter, RunFolder, atomic_save
 from bilevel.runs.learner import Learner, RunConfig, get_algorithm, resolve_device
 
-__all__ = ["ANALYSIS_DIR", "evaluate_run", "load_learner", "make_config", "seed_everything", "torch_threads", "train"]
+__all__ = ["ANALYSIS_DIR", "evaluate_run", "load_learner", "make_config", "seed_everything", "torch_threads", "train",
+           "write_evaluation_state"]
 
 ANALYSIS_DIR = "analysis"
 """The run subfolder holding `Learner.analysis_arrays` saved at checkpoints, one
@@ -84,8 +85,20 @@ def _tensorboard(folder: RunFolder, purge_step: int | None) -> Any:
     return SummaryWriter(str(folder.path), purge_step=purge_step)
 
 
+def write_evaluation_state(folder: RunFolder, learner: Learner) -> bool:
+    """Save ``learner``'s `Learner.evaluation_state` (with its iteration and env steps) to the run's
+    ``evaluation_state.pt``; False, and nothing written, for a learner that keeps none."""
+    state = learner.evaluation_state()
+    if state is None:
+        return False
+    atomic_save({"iteration": learner.iteration, "env_steps": learner.env_steps, "learner": state},
+                folder.evaluation_state_path)
+    return True
+
+
 def _checkpoint(folder: RunFolder, learner: Learner) -> None:
     atomic_save({"state": learner.state_dict(), "rng": _rng_state()}, folder.checkpoint_path)
+    write_evaluation_state(folder, learner)
     arrays = learner.analysis_arrays()
     if arrays:
         path = folder.path / ANALYSIS_DIR / f"iteration-{learner.iteration:06d}.pt"
@@ -176,25 +189,37 @@ def _train(algorithm: str, config: RunConfig, folder: RunFolder, resume: bool, p
     return learner
 
 
-def load_learner(run_dir: str | Path, device: str | None = None) -> tuple[str, Learner]:
-    """The learner of a run, restored from its last checkpoint."""
+def load_learner(run_dir: str | Path, device: str | None = None, *,
+                 evaluation_only: bool = False) -> tuple[str, Learner]:
+    """The learner of a run, restored from its last checkpoint. With ``evaluation_only``, a folder without
+    a checkpoint (an archived record) that holds an ``evaluation_state.pt`` restores from that instead:
+    enough for `Learner.evaluate`, not for training."""
     folder = RunFolder(run_dir)
     algorithm, values = folder.read_config()
     if device is not None:
         values = {**values, "device": device}
-    if not folder.checkpoint_path.exists():
-        raise ValueError(f"run {str(folder.path)!r} has no checkpoint")
+    from_evaluation_state = (evaluation_only and not folder.checkpoint_path.exists()
+                             and folder.evaluation_state_path.exists())
+    if not folder.checkpoint_path.exists() and not from_evaluation_state:
+        raise ValueError(f"run {str(folder.path)!r} has no checkpoint"
+                         + (" and no evaluation_state.pt" if evaluation_only else ""))
     learner = _build(algorithm, make_config(algorithm, values))
+    if from_evaluation_state:
+        saved = torch.load(folder.evaluation_state_path, map_location=learner.device, weights_only=False)
+        learner.iteration, learner.env_steps = saved["iteration"], saved["env_steps"]
+        learner.load_evaluation_state(saved["learner"])
+        return algorithm, learner
     checkpoint = torch.load(folder.checkpoint_path, map_location=learner.device, weights_only=False)
     learner.load_state_dict(checkpoint["state"])
     return algorithm, learner
 
 
 def evaluate_run(run_dir: str | Path, options: dict[str, Any], *, device: str | None = None) -> dict[str, float]:
-    """Evaluate a run's last checkpoint with ``options`` and write ``eval.json``."""
+    """Evaluate a run's last checkpoint (or a record's evaluation state) with ``options`` and write
+    ``eval.json``."""
     threads = RunFolder(run_dir).read_config()[1].get("threads", RunConfig.threads)
     with torch_threads(threads):
-        _, learner = load_learner(run_dir, device)
+        _, learner = load_learner(run_dir, device, evaluation_only=True)
         try:
             result = learner.evaluate(**options)
         finally:

@@ -224,6 +224,26 @@ def test_bad_input_exits_2_naming_it(tmp_path, capsys, argv, message):
     assert not run_dir.exists()
 
 
+def test_an_archived_record_evaluates_as_its_run_without_the_checkpoint(runs, tmp_path, capsys):
+    """The record keeps the meta-policy and normaliser (`evaluation_state.pt`, kilobytes, not the checkpoint's
+    ensemble and data); ``bilevel eval`` on it equals the run's evaluation, and it cannot be resumed."""
+    run = runs[1]
+    records = tmp_path / "records"
+    assert cli.main(["archive", str(run), "--to", str(records)]) == 0
+    record = records / run.name
+    assert not (record / "checkpoints").exists()
+    assert (record / "evaluation_state.pt").stat().st_size < (run / "checkpoints" / "last.pt").stat().st_size / 10
+    options = {"perturb": "slope", "episodes": 1, "adaptation_episodes": 1, "adaptation_steps": 1}
+    assert evaluate_run(record, options) == evaluate_run(run, options)
+    assert json.loads((record / "eval.json").read_text())["iteration"] == 3
+    _, learner = load_learner(record, evaluation_only=True)
+    assert learner.env_steps == 30 + 2 * 10 * 3 and learner.data["obs"].shape[0] == 0
+    with pytest.raises(ValueError, match=r"has no checkpoint$"):
+        load_learner(record)
+    assert cli.main(["train", "mbmpo", "--resume", str(record), "--iterations", "4", "--no-progress"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
 def test_bad_eval_options_raise_value_error_naming_them(runs, capsys):
     assert cli.main(["eval", str(runs[0]), "--perturb", "moon"]) == 2
     assert "perturb" in capsys.readouterr().err

@@ -165,6 +165,11 @@ def test_an_archived_record_keeps_config_metrics_and_evaluations_not_checkpoints
     assert cli.main(["archive", str(run.path), str(runs / "runs" / "lr0.1-s1"), "--to", "records"]) == 0
     record = runs / "records" / "lr0.1-s0"
     assert sorted(p.name for p in record.iterdir()) == ["config.json", "eval-select.json", "metrics.csv"]
+    assert cli.main(["eval", str(record)]) == 2
+    assert "has no checkpoint and no evaluation_state.pt" in capsys.readouterr().err
+    run.evaluation_state_path.write_bytes(b"policy")
+    assert cli.main(["archive", str(run.path), "--to", "records"]) == 0
+    assert (record / "evaluation_state.pt").read_bytes() == b"policy"
     assert RunFolder(record).read_config() == run.read_config()
     assert RunFolder(record).read_metrics() == run.read_metrics()
 
