@@ -1045,7 +1045,7 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path, *, x_max: float 
             for alpha, runs in sorted(per_alpha.items()):
                 length = min(len(x) for x, _ in runs)
                 ax.plot(runs[0][0][:length], np.mean([y[:length] for _, y in runs], axis=0), marker="o",
-                        label=f"alpha={alpha:g} ({len(runs)} seeds)")
+                        label=f"alpha={alpha:g} ({len(runs)} seed{'' if len(runs) == 1 else 's'})")
             ax.set_title(perturbation)
             ax.set_xlabel("real adaptation steps")
             ax.set_ylabel("return")

@@ -420,7 +420,7 @@ def plot_q_gap(run_dirs: list[Path], out_dir: Path, *, x_max: float | None = Non
         if not any(x for x, _ in curves):
             continue
         grid, mean, low, high, _ = seed_band(curves)
-        ax.plot(grid, mean, label=f"{label} ({len(group)} seeds)")
+        ax.plot(grid, mean, label=f"{label} ({len(group)} seed{'' if len(group) == 1 else 's'})")
         ax.fill_between(grid, low, high, alpha=0.25)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xlabel("env_steps")

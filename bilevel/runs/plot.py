@@ -95,7 +95,7 @@ def plot_curves(
         if x_max is not None and not any(xs for xs, _ in curves):
             raise ValueError(f"{label}: no run has a {y!r} row with {x} <= {x_max:g}")
         grid, mean, low, high, _ = seed_band(curves)
-        ax.plot(grid, mean, label=f"{label} ({len(group)} seeds)")
+        ax.plot(grid, mean, label=f"{label} ({len(group)} seed{'' if len(group) == 1 else 's'})")
         ax.fill_between(grid, low, high, alpha=0.25)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
