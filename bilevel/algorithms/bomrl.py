@@ -573,5 +573,12 @@ class BOMRLLearner(Learner):
         return {"logits": self.logits.clone(), "optimizer_state": self.optimizer_state}
 
     def load_learner_state(self, state: dict[str, Any]) -> None:
-        self.logits = state["logits"].to(torch.float64)
+        self.load_evaluation_state(state)
         self.optimizer_state = state["optimizer_state"]
+
+    def evaluation_state(self) -> dict[str, Any]:
+        """The meta-policy's logits ``[S, A]``: all that `evaluate` reads."""
+        return {"logits": self.logits.clone()}
+
+    def load_evaluation_state(self, state: dict[str, Any]) -> None:
+        self.logits = state["logits"].to(torch.float64)

@@ -528,3 +528,10 @@ class PolicyGradientLearner(Learner):
     def load_learner_state(self, state: dict[str, Any]) -> None:
         tree.check_same_structure(state["meta_params"], self.meta_params, ("saved meta_params", "meta_params"))
         self.meta_params = tree.map(lambda saved: saved.to(self.device), state["meta_params"])
+
+    def evaluation_state(self) -> dict[str, Any]:
+        """The meta-policy: the whole learner state, which is all that `evaluate` reads."""
+        return self.learner_state()
+
+    def load_evaluation_state(self, state: dict[str, Any]) -> None:
+        self.load_learner_state(state)

@@ -201,6 +201,11 @@ def test_cli_smoke_resume_equals_straight_run_and_eval(tmp_path, sampler):
     assert result["optimum"] >= max(result[f"{method}_{k}"] for method in ("bomrl", "pg_meta") for k in range(3))
     assert result["bound_gap"] > 0
 
+    assert cli.main(["archive", str(tmp_path / "straight"), "--to", str(tmp_path / "records")]) == 0
+    assert cli.main(["eval", str(tmp_path / "records" / "straight"), "--rounds", "2", "--exact", "True"]) == 0
+    assert json.loads((tmp_path / "records" / "straight" / "eval.json").read_text()) == result, (
+        "a record's logits evaluate as its run's checkpoint does")
+
 
 @pytest.mark.parametrize(
     ("option", "value"),

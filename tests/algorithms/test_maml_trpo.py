@@ -155,6 +155,10 @@ def test_cli_train_resume_equals_straight_run_and_eval(tmp_path):
             assert len(set(per_task)) == 3, "three goals, three different returns"
             assert result[f"return_{key}_{mode}"] == pytest.approx(sum(per_task) / 3, rel=1e-6)
 
+    assert cli.main(["archive", str(tmp_path / "straight"), "--to", str(tmp_path / "records")]) == 0
+    assert cli.main(["eval", str(tmp_path / "records" / "straight"), "--tasks", "3", "--adaptation-steps", "2"]) == 0
+    assert json.loads((tmp_path / "records" / "straight" / "eval.json").read_text()) == result
+
 
 def test_cli_halfcheetah_velocity_one_iteration(tmp_path):
     run = tmp_path / "cheetah"
