@@ -9,6 +9,7 @@
 # the run's record (config, metrics, evaluations; no checkpoints) is archived to
 # docs/reproductions/records/min-attention/, which the report's figures and summary are drawn from. A
 # seed whose run folder is absent but whose record reached ITER is done (a fresh checkout has no runs/).
+# Run scripts/link-runs.sh once first: it keeps runs/ outside the work tree, which a fresh checkout lays anew.
 # ENV=hopper or walker2d trains that env instead (runs/min-attention-ENV/, records/min-attention-ENV/).
 set -u
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
