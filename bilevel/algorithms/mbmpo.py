@@ -999,6 +999,7 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path, *, x_max: float 
         raise ValueError("plotting needs matplotlib: pip install 'bilevel[plot]'") from None
     from bilevel.runs.folder import RunFolder, final_mean
     from bilevel.runs.loop import load_learner
+    from bilevel.runs.plot import seeds_label
 
     folders = [RunFolder(d) for d in run_dirs]
     by_alpha: dict[float, list[RunFolder]] = {}
@@ -1045,7 +1046,7 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path, *, x_max: float 
             for alpha, runs in sorted(per_alpha.items()):
                 length = min(len(x) for x, _ in runs)
                 ax.plot(runs[0][0][:length], np.mean([y[:length] for _, y in runs], axis=0), marker="o",
-                        label=f"alpha={alpha:g} ({len(runs)} seed{'' if len(runs) == 1 else 's'})")
+                        label=seeds_label(f"alpha={alpha:g}", len(runs)))
             ax.set_title(perturbation)
             ax.set_xlabel("real adaptation steps")
             ax.set_ylabel("return")

@@ -410,7 +410,7 @@ def plot_q_gap(run_dirs: list[Path], out_dir: Path, *, x_max: float | None = Non
     (up to ``x_max`` where given), mean and 95% band over the seeds of each config group of ``run_dirs``
     (all one algorithm)."""
     from bilevel.runs.folder import RunFolder, metric_series
-    from bilevel.runs.plot import group_by_config, seed_band
+    from bilevel.runs.plot import group_by_config, seed_band, seeds_label
 
     folders = [RunFolder(d) for d in run_dirs]
     plt = _pyplot()
@@ -420,7 +420,7 @@ def plot_q_gap(run_dirs: list[Path], out_dir: Path, *, x_max: float | None = Non
         if not any(x for x, _ in curves):
             continue
         grid, mean, low, high, _ = seed_band(curves)
-        ax.plot(grid, mean, label=f"{label} ({len(group)} seed{'' if len(group) == 1 else 's'})")
+        ax.plot(grid, mean, label=seeds_label(label, len(group)))
         ax.fill_between(grid, low, high, alpha=0.25)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xlabel("env_steps")

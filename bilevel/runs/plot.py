@@ -12,10 +12,15 @@ import numpy as np
 from bilevel.runs.folder import RunFolder, metric_series
 from bilevel.runs.learner import get_algorithm
 
-__all__ = ["group_by_config", "plot_curves", "seed_band"]
+__all__ = ["group_by_config", "plot_curves", "seed_band", "seeds_label"]
 
 
 IGNORED_IN_LABELS = ("seed", "device", "checkpoint_every", "iterations")
+
+
+def seeds_label(label: str, seeds: int) -> str:
+    """A legend entry: ``label (1 seed)``, ``label (3 seeds)``."""
+    return f"{label} ({seeds} seed{'' if seeds == 1 else 's'})"
 
 
 def with_defaults(algorithm: str, config: dict) -> dict:
@@ -95,7 +100,7 @@ def plot_curves(
         if x_max is not None and not any(xs for xs, _ in curves):
             raise ValueError(f"{label}: no run has a {y!r} row with {x} <= {x_max:g}")
         grid, mean, low, high, _ = seed_band(curves)
-        ax.plot(grid, mean, label=f"{label} ({len(group)} seed{'' if len(group) == 1 else 's'})")
+        ax.plot(grid, mean, label=seeds_label(label, len(group)))
         ax.fill_between(grid, low, high, alpha=0.25)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
