@@ -287,6 +287,13 @@ class LookAheadMetaLearner(OffPolicyLearner):
         self.meta_net.load_state_dict(state["meta_net"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
 
+    def extra_evaluation_state(self) -> dict[str, Any]:
+        return {"base": super().extra_evaluation_state(), "meta_net": self.meta_net.state_dict()}
+
+    def load_extra_evaluation_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_evaluation_state(state["base"])
+        self.meta_net.load_state_dict(state["meta_net"])
+
 
 class MetaAttention(LookAheadMetaLearner):
     """MATT over its base algorithm (the class after it in the MRO)."""

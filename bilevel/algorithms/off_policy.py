@@ -311,6 +311,13 @@ class OffPolicyLearner(Learner):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore `extra_state`."""
 
+    def extra_evaluation_state(self) -> dict[str, Any]:
+        """What `decide` and `analyse` read beyond actor and critic (MATT: the attention net)."""
+        return {}
+
+    def load_extra_evaluation_state(self, state: dict[str, Any]) -> None:
+        """Restore `extra_evaluation_state`."""
+
     # --- shared pieces -------------------------------------------------------------------------
 
     def actor_params(self) -> dict[str, Tensor]:
@@ -469,6 +476,16 @@ class OffPolicyLearner(Learner):
         self.generator.set_state(state["generator"].cpu())
         self.updates = state["updates"]
         self.load_extra_state(state["extra"])
+
+    def evaluation_state(self) -> dict[str, Any]:
+        """Actor and critic (dance twice and the Q gap read the critic), without targets, optimisers or buffer."""
+        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "extra": self.extra_evaluation_state()}
+
+    def load_evaluation_state(self, state: dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.load_extra_evaluation_state(state["extra"])
 
     def close(self) -> None:
         self.train_envs.close()

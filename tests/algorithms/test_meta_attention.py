@@ -16,7 +16,7 @@ from bilevel import cli, tree
 from bilevel.algorithms.meta_attention import VARIANTS, choose_by_q, lookahead_split
 from bilevel.inner import unroll
 from bilevel.runs import RunFolder
-from bilevel.runs.loop import _build, make_config
+from bilevel.runs.loop import _build, evaluate_run, make_config
 
 TINY = {"env": "Pendulum-v1", "hidden": (6, 4), "batch_size": 8, "buffer_size": 500,
         "steps_per_iteration": 100, "learning_starts": 50, "eval_episodes": 1, "device": "cpu"}
@@ -133,7 +133,7 @@ def test_without_dance_twice_the_vanilla_action_is_executed():
 
 
 @pytest.mark.parametrize("algorithm", sorted(VARIANTS))
-def test_every_variant_trains_from_the_cli_and_logs_its_meta_loss(tmp_path, algorithm):
+def test_every_variant_trains_from_the_cli_logs_its_meta_loss_and_evaluates_from_its_record(tmp_path, algorithm):
     run = tmp_path / "run"
     argv = ["train", algorithm, "--env", "Pendulum-v1", "--iterations", "2", "--device", "cpu", "--hidden", "8", "8",
             "--batch-size", "8", "--steps-per-iteration", "60", "--learning-starts", "30", "--eval-episodes", "1",
@@ -148,6 +148,10 @@ def test_every_variant_trains_from_the_cli_and_logs_its_meta_loss(tmp_path, algo
         assert rows[-1]["q_attention_minus_vanilla"] != ""
     assert cli.main(["eval", str(run), "--episodes", "1"]) == 0
     assert "return" in json.loads((run / "eval.json").read_text())
+    assert cli.main(["archive", str(run), "--to", str(tmp_path / "records")]) == 0
+    record = tmp_path / "records" / "run"
+    assert not (record / "checkpoints").exists()
+    assert evaluate_run(record, {"episodes": 1}) == evaluate_run(run, {"episodes": 1})
 
 
 def test_meta_loss_can_also_train_the_moved_actor_layers():

@@ -15,7 +15,7 @@ from bilevel.algorithms.off_policy import SEED_PURPOSES, adam, parameters, polya
 from bilevel.nets import rescale_action
 from bilevel.rl import Transitions
 from bilevel.runs import RunFolder, derive_seed
-from bilevel.runs.loop import _build, load_learner, make_config
+from bilevel.runs.loop import _build, evaluate_run, load_learner, make_config
 
 TINY = {"hidden": (16, 16), "batch_size": 16, "buffer_size": 2000, "steps_per_iteration": 100,
         "learning_starts": 50, "eval_episodes": 1, "device": "cpu"}
@@ -174,6 +174,11 @@ def test_cli_train_and_eval(tmp_path, algorithm):
     assert cli.main(["eval", str(run), "--episodes", "2", "--seed", "5"]) == 0
     result = json.loads((run / "eval.json").read_text())
     assert -2000 < result["return"] <= 0 and result["iteration"] == 2
+    assert cli.main(["archive", str(run), "--to", str(tmp_path / "records")]) == 0
+    record = tmp_path / "records" / "run"
+    assert not (record / "checkpoints").exists() and (record / "evaluation_state.pt").exists()
+    options = {"episodes": 2, "seed": 5}
+    assert evaluate_run(record, options) == evaluate_run(run, options)
 
 
 @pytest.mark.parametrize(
