@@ -287,13 +287,6 @@ class LookAheadMetaLearner(OffPolicyLearner):
         self.meta_net.load_state_dict(state["meta_net"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
 
-    def extra_evaluation_state(self) -> dict[str, Any]:
-        return {"base": super().extra_evaluation_state(), "meta_net": self.meta_net.state_dict()}
-
-    def load_extra_evaluation_state(self, state: dict[str, Any]) -> None:
-        super().load_extra_evaluation_state(state["base"])
-        self.meta_net.load_state_dict(state["meta_net"])
-
 
 class MetaAttention(LookAheadMetaLearner):
     """MATT over its base algorithm (the class after it in the MRO)."""
@@ -301,6 +294,14 @@ class MetaAttention(LookAheadMetaLearner):
     def make_meta_net(self) -> nn.Module:
         actor_features, critic_features = self.config.hidden[-1], self.config.hidden[-1]
         return mlp((actor_features + critic_features, *self.config.attention_hidden, actor_features), nn.ReLU)
+
+    def extra_evaluation_state(self) -> dict[str, Any]:
+        """The attention net, which dance twice and the Q gap read (Meta-Critic's learned loss is not read)."""
+        return {"base": super().extra_evaluation_state(), "meta_net": self.meta_net.state_dict()}
+
+    def load_extra_evaluation_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_evaluation_state(state["base"])
+        self.meta_net.load_state_dict(state["meta_net"])
 
     def attention_forward(self, attention_params: Tree, actor_params: Tree, obs: Tensor) -> AttentionForward:
         """The vanilla and the attention actor on ``obs [B, D]`` from one pass of the actor features (eq. 5):
