@@ -188,12 +188,15 @@ class ProbabilisticEnsemble(nn.Module):
         """
         layers = self.member_layers(member_idx)
         mean, logvar = self.normalised_forward(self._member_inputs(obs, act, layers), layers=layers)
-        return self._environment_units(mean, logvar)
+        return self._environment_mean(mean), self._environment_logvar(logvar)
 
-    def _environment_units(self, mean: Tensor, logvar: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Normalised ``(mean, logvar)`` -> ``(mu_y + sigma_y * mean, logvar + 2 log sigma_y)``; None stays None."""
-        env_mean = self.target_mean + self.target_std * mean
-        return env_mean, None if logvar is None else logvar + 2.0 * torch.log(self.target_std)
+    def _environment_mean(self, mean: Tensor) -> Tensor:
+        """Normalised mean -> ``mu_y + sigma_y * mean``."""
+        return self.target_mean + self.target_std * mean
+
+    def _environment_logvar(self, logvar: Tensor) -> Tensor:
+        """Normalised log-variance -> ``logvar + 2 log sigma_y``."""
+        return logvar + 2.0 * torch.log(self.target_std)
 
     def _member_inputs(self, obs: Tensor, act: Tensor, layers: MemberLayers) -> Tensor:
         """The normalised inputs ``[M, N, in]`` of the ``M`` members of ``layers``, from shared ``[N, ...]``
@@ -236,8 +239,10 @@ class ProbabilisticEnsemble(nn.Module):
 
         def predict(obs: Tensor, act: Tensor, *, generator: torch.Generator | None = None) -> Prediction:
             mean, raw_logvar = self._normalised_outputs(self._member_inputs(obs, act, layers), layers)
-            logvar = None if deterministic else soft_clamp(raw_logvar, self.min_logvar, self.max_logvar)
-            return self._sample(obs, *self._environment_units(mean, logvar), generator, deterministic)
+            logvar = None
+            if not deterministic:
+                logvar = self._environment_logvar(soft_clamp(raw_logvar, self.min_logvar, self.max_logvar))
+            return self._sample(obs, self._environment_mean(mean), logvar, generator, deterministic)
 
         return predict
 
