@@ -248,8 +248,11 @@ def _archive(argv: list[str]) -> int:
     )
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--to", type=Path, required=True, metavar="RECORDS")
+    parser.add_argument("--allow-shorter", action="store_true",
+                        help="replace a record that holds more metrics rows than the run (refused by default)")
     args = parser.parse_args(argv)
-    return _each_path("archive", args.runs, lambda run: f"{run} -> {archive(run, args.to)}")
+    return _each_path("archive", args.runs,
+                      lambda run: f"{run} -> {archive(run, args.to, allow_shorter=args.allow_shorter)}")
 
 
 def _each_path(command: str, paths: list[Path], done: Callable[[Path], str]) -> int:

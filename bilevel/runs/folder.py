@@ -167,16 +167,22 @@ def final_mean(rows: Iterable[dict[str, float]], metric: str, last: int, *, x: s
     return sum(values[-last:]) / len(values[-last:]) if values else None
 
 
-def archive(run: str | Path, records: str | Path) -> Path:
+def archive(run: str | Path, records: str | Path, *, allow_shorter: bool = False) -> Path:
     """Copy the record of ``run`` (config.json, metrics.csv, ``*.json`` evaluations, evaluation_state.pt)
     to ``records/<run's name>/``, each file atomically; the record's other files are kept, so
-    archiving again after more iterations updates it. Returns the record's folder."""
+    archiving again after more iterations updates it. A run with fewer metrics rows than the record
+    already holds (a run restarted from scratch, or stopped before it caught up) is refused unless
+    ``allow_shorter``, so that an interrupted rebuild cannot shorten a record. Returns the record's folder."""
     source = RunFolder(run)
     if not source.exists():
         raise ValueError(f"{str(source.path)!r} is not a run folder: it has no config.json")
     record = Path(records) / source.path.resolve().name
     if record.resolve() == source.path.resolve():
         raise ValueError(f"the record of {str(source.path)!r} would overwrite the run itself")
+    run_rows, record_rows = len(source.read_metrics()), len(RunFolder(record).read_metrics())
+    if run_rows < record_rows and not allow_shorter:
+        raise ValueError(f"{str(source.path)!r} has {run_rows} metrics rows and its record {str(record)!r} "
+                         f"{record_rows}: archiving would shorten the record (allow_shorter to do so)")
     for file in [*sorted(source.path.glob("*.json")), source.metrics_path]:
         if file.exists():
             atomic_write_text(record / file.name, file.read_text())

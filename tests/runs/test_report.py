@@ -180,3 +180,21 @@ def test_an_archived_record_keeps_config_metrics_and_evaluations_not_checkpoints
 
     assert cli.main(["archive", str(runs / "runs" / "missing"), "--to", "records"]) == 2
     assert "'" + str(runs / "runs" / "missing") + "' is not a run folder" in capsys.readouterr().err
+
+
+def test_archiving_a_run_behind_its_record_is_refused_unless_allowed(runs, capsys):
+    from bilevel import cli
+
+    run = RunFolder(runs / "runs" / "lr0.1-s0")
+    assert cli.main(["archive", str(run.path), "--to", "records"]) == 0
+    full = (runs / "records" / "lr0.1-s0" / "metrics.csv").read_text()
+    rows = run.read_metrics()
+    assert len(rows) >= 2
+    writer = MetricsWriter(run.metrics_path)
+    writer.truncate(int(rows[0]["iteration"]))
+    assert cli.main(["archive", str(run.path), "--to", "records"]) == 2
+    err = capsys.readouterr().err
+    assert "has 1 metrics rows and its record" in err and f"{len(rows)}: archiving would shorten" in err
+    assert (runs / "records" / "lr0.1-s0" / "metrics.csv").read_text() == full
+    assert cli.main(["archive", str(run.path), "--to", "records", "--allow-shorter"]) == 0
+    assert RunFolder(runs / "records" / "lr0.1-s0").read_metrics() == run.read_metrics()

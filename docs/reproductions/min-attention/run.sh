@@ -7,7 +7,8 @@
 # package is copied to runs/min-attention/code at start, so edits to the working tree do not reach
 # the runs this invocation starts. One thread per process. After each training call, successful or not,
 # the run's record (config, metrics, evaluations; no checkpoints) is archived to
-# docs/reproductions/records/min-attention/, which the report's figures and summary are drawn from. A
+# docs/reproductions/records/min-attention/, which the report's figures and summary are drawn from (a run
+# rebuilt from scratch is not archived until it has caught up with its record: `bilevel archive` refuses). A
 # seed whose run folder is absent but whose record reached ITER is done (a fresh checkout has no runs/).
 # Run scripts/link-runs.sh once first: it keeps runs/ outside the work tree, which a fresh checkout lays anew.
 # ENV=hopper or walker2d trains that env instead (runs/min-attention-ENV/, records/min-attention-ENV/).
