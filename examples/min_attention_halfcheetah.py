@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from bilevel.algorithms.mbmpo import OOD_PERTURBATIONS, plot_mbmpo
+from bilevel.algorithms.mbmpo import OOD_PERTURBATIONS
+from bilevel.algorithms.mbmpo_analysis import plot_mbmpo
 from bilevel.runs import RunFolder, train
 from bilevel.runs.loop import evaluate_run, make_config
 

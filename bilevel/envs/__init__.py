@@ -4,6 +4,7 @@ Importing this package registers the ``bilevel/...`` env ids (see :func:`registe
 """
 
 from bilevel.envs.batched_mujoco import BatchedHalfCheetah
+from bilevel.envs.energy import EnergyMeter
 from bilevel.envs.frozen_lake import (
     FrozenLake,
     FrozenLakeEnv,
@@ -47,6 +48,7 @@ __all__ = [
     "CrippledJoint",
     "DirectionReward",
     "DirectionTask",
+    "EnergyMeter",
     "Episodes",
     "FrictionScale",
     "FrozenLake",

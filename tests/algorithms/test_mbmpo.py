@@ -24,10 +24,9 @@ from bilevel.algorithms.mbmpo import (
     meta_objectives,
     meta_update,
     model_data,
-    plot_mbmpo,
     policy_distribution,
-    samples_to_fraction,
 )
+from bilevel.algorithms.mbmpo_analysis import plot_mbmpo, samples_to_fraction
 from bilevel.envs.rewards import half_cheetah_reward
 from bilevel.linalg import gauss_newton_vector_operator, hessian_vector_operator
 from bilevel.nets import GaussianMLPPolicy, ProbabilisticEnsemble
@@ -430,7 +429,12 @@ def test_the_chosen_step_is_the_best_in_distribution_and_the_curves_use_only_its
     """Selection reads only training-dynamics evaluations at the selection seed (mean return after the
     adapted rounds; the in-distribution return before adaptation and the other seeds do not count),
     and the out-of-distribution curves are those of seed 0 with the chosen step."""
-    from bilevel.algorithms.mbmpo import SELECTION_SEED, chosen_adaptation_lr, evaluation_curves, evaluations
+    from bilevel.algorithms.mbmpo_analysis import (
+        SELECTION_SEED,
+        chosen_adaptation_lr,
+        evaluation_curves,
+        evaluations,
+    )
 
     files = {
         "eval-select-lr0.1": _evaluation(None, [300.0, 900.0, 100.0, 100.0], SELECTION_SEED, 0.1),  # mean 366.7
