@@ -599,7 +599,7 @@ class MBMPO(Learner):
             self.data[key] = torch.cat([self.data[key], value[valid].to(self.data[key])])
         self.data["start_obs"] = torch.cat([self.data["start_obs"], batch.obs[0][valid[0]].to(self.data["obs"])])
 
-    def _policy_fn(self, params: Tree, generator: torch.Generator | None) -> Callable[[Tensor], tuple[Tensor, None]]:
+    def policy_fn(self, params: Tree, generator: torch.Generator | None) -> Callable[[Tensor], tuple[Tensor, None]]:
         """Real-env actions of the policy at ``params`` (the mean action when ``generator`` is None)."""
 
         def act(obs: Tensor) -> tuple[Tensor, None]:
@@ -705,7 +705,7 @@ class MBMPO(Learner):
         returns, energies, spatial, temporal = [], [], [], []
         for model in range(c.num_elites):
             model_params = tree.map(lambda leaf, m=model: leaf[m], adapted_params)
-            batch = collect_real(c.env, c.horizon, self._policy_fn(model_params, action_generator),
+            batch = collect_real(c.env, c.horizon, self.policy_fn(model_params, action_generator),
                                  c.episodes_per_model, self._seed("real_envs", model))
             self._add_real(batch.episodes)
             self.env_steps += int(batch.episodes.valid.sum())
@@ -763,7 +763,7 @@ class MBMPO(Learner):
         result: dict[str, float] = {"horizon": float(c.horizon), "attention_weight": c.attention_weight,
                                     "adaptation_lr": inner_loop.lr}
         for round_index in range(adaptation_steps + 1):
-            scored = collect_real(c.env, c.horizon, self._policy_fn(params, None), episodes,
+            scored = collect_real(c.env, c.horizon, self.policy_fn(params, None), episodes,
                                   derive_seed(seed, round_index, 0), perturb)
             terms = self.smoothness(params, scored.episodes)
             result.update({f"return_{round_index}": float(scored.episodes.episode_returns.mean()),
@@ -773,7 +773,7 @@ class MBMPO(Learner):
                            f"samples_{round_index}": float(samples)})
             if round_index == adaptation_steps:
                 break
-            batch = collect_real(c.env, c.horizon, self._policy_fn(params, generator), adaptation_episodes,
+            batch = collect_real(c.env, c.horizon, self.policy_fn(params, generator), adaptation_episodes,
                                  derive_seed(seed, round_index, 1), perturb).episodes
             samples += int(batch.valid.sum())
             params = tree.detach(adapt(params, self.real_data(params, batch), inner_loop))

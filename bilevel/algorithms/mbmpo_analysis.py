@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from bilevel.algorithms.mbmpo import MBMPO, normalise
+from bilevel.algorithms.mbmpo import MBMPO, collect_real, normalise
 from bilevel.nets import mean_action_fn
 
 __all__ = [
@@ -35,10 +35,13 @@ __all__ = [
 ]
 
 
-def mean_abs_jacobian(learner: MBMPO, num_states: int = 2000) -> Tensor:
-    """``mean_s |d mu(s) / d s|``, ``[A, D]`` (s normalised), of the meta-policy over the last ``num_states``
-    real states of ``learner``'s data."""
-    norm_obs = normalise(learner.data["obs"][-num_states:].to(learner.device), learner.obs_mean, learner.obs_std)
+def mean_abs_jacobian(learner: MBMPO, episodes: int = 4, seed: int = 0) -> Tensor:
+    """``mean_s |d mu(s) / d s|``, ``[A, D]`` (s normalised), of the meta-policy's mean action ``mu`` over the
+    states it visits: ``episodes`` mean-action episodes on the training dynamics, env seed ``seed``. Needs only
+    the evaluation state, so it draws from a record as from a run."""
+    c = learner.config
+    visited = collect_real(c.env, c.horizon, learner.policy_fn(learner.meta_params, None), episodes, seed).episodes
+    norm_obs = normalise(visited.obs[visited.valid].to(learner.device), learner.obs_mean, learner.obs_std)
     mean_fn = mean_action_fn(learner.policy)
     with torch.no_grad():
         jacobians = vmap(torch.func.jacrev(lambda s: mean_fn(learner.meta_params, s)))(norm_obs)
@@ -167,8 +170,9 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path, *, x_max: float 
       with the same contents count once), evaluation seed 0 with the run's chosen real-data step
       (`evaluation_curves`), one panel per perturbation, one line per alpha (mean over seeds);
     - ``ood.md``: `ood_summary` as a table (runs with a ``none`` evaluation);
-    - ``jacobian_heatmap.png``: ``mean |d mu / d s|`` (action x state) of the meta-policy for the smallest and
-      the largest alpha among the runs with a checkpoint (none for records, ``bilevel archive``: then no heatmap).
+    - ``jacobian_heatmap.png``: `mean_abs_jacobian` (action x state) of the meta-policy for the smallest and
+      the largest alpha among the runs with a checkpoint or an evaluation state (records archived since
+      2026-12-03 hold one), the first such run of each.
     """
     try:
         import matplotlib
@@ -237,14 +241,15 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path, *, x_max: float 
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
 
-    with_checkpoint = {a: [f for f in by_alpha[a] if f.checkpoint_path.exists()] for a in alphas}
-    alphas_with_checkpoint = [a for a in alphas if with_checkpoint[a]]
-    if not alphas_with_checkpoint:
+    with_policy = {a: [f for f in by_alpha[a] if f.checkpoint_path.exists() or f.evaluation_state_path.exists()]
+                   for a in alphas}
+    alphas_with_policy = [a for a in alphas if with_policy[a]]
+    if not alphas_with_policy:
         return written
-    shown = sorted({alphas_with_checkpoint[0], alphas_with_checkpoint[-1]})
+    shown = sorted({alphas_with_policy[0], alphas_with_policy[-1]})
     maps = []
     for alpha in shown:
-        _, learner = load_learner(with_checkpoint[alpha][0].path, device="cpu")
+        _, learner = load_learner(with_policy[alpha][0].path, device="cpu", evaluation_only=True)
         maps.append(mean_abs_jacobian(learner).numpy())
         learner.close()
     fig, axes = plt.subplots(1, len(maps), figsize=(5 * len(maps), 3.2), squeeze=False, layout="constrained")

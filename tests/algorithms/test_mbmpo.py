@@ -26,7 +26,7 @@ from bilevel.algorithms.mbmpo import (
     model_data,
     policy_distribution,
 )
-from bilevel.algorithms.mbmpo_analysis import plot_mbmpo, samples_to_fraction
+from bilevel.algorithms.mbmpo_analysis import mean_abs_jacobian, plot_mbmpo, samples_to_fraction
 from bilevel.envs.rewards import half_cheetah_reward
 from bilevel.linalg import gauss_newton_vector_operator, hessian_vector_operator
 from bilevel.nets import GaussianMLPPolicy, ProbabilisticEnsemble
@@ -291,7 +291,11 @@ def test_bilevel_plot_draws_the_mbmpo_figures(runs, tmp_path, capsys):
     from_records = tmp_path / "from-records" / "return.png"
     assert cli.main(["plot", str(records / runs[0].name), "--out", str(from_records)]) == 0
     assert (from_records.parent / "ood.md").read_text() == (out.parent / "ood.md").read_text()
-    assert not (from_records.parent / "jacobian_heatmap.png").exists(), "a record has no checkpoint to draw from"
+    assert (from_records.parent / "jacobian_heatmap.png").stat().st_size > 0, "drawn from the evaluation state"
+    jacobians = [mean_abs_jacobian(load_learner(folder, "cpu", evaluation_only=True)[1])
+                 for folder in (runs[0], records / runs[0].name)]
+    assert jacobians[0].shape == (6, 17) and bool((jacobians[0] > 0).any())
+    torch.testing.assert_close(jacobians[1], jacobians[0], rtol=0, atol=0)
 
     first_steps = RunFolder(runs[0]).read_metrics()[0]["env_steps"]
     assert cli.main(["plot", *map(str, runs), "--out", str(out), "--xmax", str(first_steps)]) == 0

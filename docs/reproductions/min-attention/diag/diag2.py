@@ -11,7 +11,7 @@ from bilevel.runs.loop import load_learner
 _, L = load_learner(sys.argv[1], device="cpu")
 H = int(sys.argv[2]) if len(sys.argv) > 2 else 200
 gen = torch.Generator().manual_seed(0)
-real = collect_real(L.config.env, H, L._policy_fn(L.meta_params, gen), 5, 999).episodes
+real = collect_real(L.config.env, H, L.policy_fn(L.meta_params, gen), 5, 999).episodes
 print(f"iter {L.iteration} steps {L.env_steps}: real return {float(real.episode_returns.mean()):.1f} mean vel {float(real.obs[..., 8].mean()):.3f} ctrl/step {float(0.1*real.actions.clamp(-1,1).pow(2).sum(-1).mean()):.3f}")
 starts = real.obs[0].expand(L.config.num_elites, -1, -1)
 im = imagine_models(L.ensemble, L.policy, L.meta_params, starts, H, REWARD_FNS[L.config.env], None, L.obs_mean, L.obs_std,

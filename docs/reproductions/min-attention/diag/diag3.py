@@ -12,7 +12,7 @@ from bilevel.runs.loop import load_learner
 
 _, L = load_learner(sys.argv[1], device="cpu")
 gen = torch.Generator().manual_seed(0)
-real = collect_real(L.config.env, 200, L._policy_fn(L.meta_params, gen), 5, 999).episodes
+real = collect_real(L.config.env, 200, L.policy_fn(L.meta_params, gen), 5, 999).episodes
 o, a, n = real.obs.reshape(-1, 17), real.actions.clamp(-1, 1).reshape(-1, 6), real.next_obs.reshape(-1, 17)
 d = L.data
 for epochs in map(int, sys.argv[2:]):

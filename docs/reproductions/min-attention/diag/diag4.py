@@ -13,7 +13,7 @@ from bilevel.runs.loop import load_learner
 _, L = load_learner(sys.argv[1], device="cpu")
 H = 200
 gen = torch.Generator().manual_seed(0)
-real = collect_real(L.config.env, H, L._policy_fn(L.meta_params, gen), 5, 999).episodes
+real = collect_real(L.config.env, H, L.policy_fn(L.meta_params, gen), 5, 999).episodes
 print(f"iter {L.iteration}: real return {float(real.episode_returns.mean()):.1f} mean vel {float(real.obs[..., 8].mean()):.3f}")
 M = L.config.num_elites
 starts = L.data["start_obs"][torch.randint(len(L.data["start_obs"]), (20,), generator=gen)].expand(M, -1, -1)
