@@ -29,6 +29,13 @@ def test_readme_first_command_is_the_frozen_lake_quickstart_with_options_it_acce
     assert args.env == "frozenlake-hole" and args.rounds == 4 and args.episodes == 500
 
 
+def test_the_docs_home_page_gives_the_readme_commands():
+    section = (ROOT / "docs" / "index.md").read_text().split("## The two commands", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == readme_commands()
+
+
 def test_readme_lists_examples_that_exist():
     listed = set(re.findall(r"examples/(\w+\.py)", (ROOT / "README.md").read_text()))
     assert {"bomrl_frozen_lake.py", "custom_method.py"} <= listed
