@@ -7,7 +7,9 @@
 # training call, successful or not, and after each evaluation, the run's record (config, metrics,
 # evaluations; no checkpoints) is archived to docs/reproductions/records/cheetah-dir/.
 set -u
-cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
+# bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane
+[ -n "${LANE_SCRIPT:-}" ] || { copy=$(mktemp); cp "$0" "$copy"; LANE_SCRIPT=$0 exec bash "$copy" "$@"; }
+cd "$(git -C "$(dirname "$LANE_SCRIPT")" rev-parse --show-toplevel)"
 STAGES=${STAGES:-100 150 200 300 400 500}
 SNAP=runs/cheetah-dir/code
 RECORDS=docs/reproductions/records/cheetah-dir

@@ -9,7 +9,9 @@
 # or not, and after the evaluations, the run's record (config, metrics, evaluations; no checkpoints) is
 # archived to docs/reproductions/records/cheetah-vel3/, which the report's figures are drawn from.
 set -u
-cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
+# bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane
+[ -n "${LANE_SCRIPT:-}" ] || { copy=$(mktemp); cp "$0" "$copy"; LANE_SCRIPT=$0 exec bash "$copy" "$@"; }
+cd "$(git -C "$(dirname "$LANE_SCRIPT")" rev-parse --show-toplevel)"
 ITER=${ITER:-60}
 SEEDS=${SEEDS:-0 1 2}
 ROOT=runs/cheetah-vel3

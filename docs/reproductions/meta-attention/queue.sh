@@ -10,7 +10,9 @@
 # (no runs/) does not train the finished stages again; a run whose checkpoint was lost starts again
 # from scratch. ONLY=REGEX keeps the jobs whose run folder matches (ONLY=matt-bipedal: that stage).
 set -u
-cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
+# bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane
+[ -n "${LANE_SCRIPT:-}" ] || { copy=$(mktemp); cp "$0" "$copy"; LANE_SCRIPT=$0 exec bash "$copy" "$@"; }
+cd "$(git -C "$(dirname "$LANE_SCRIPT")" rev-parse --show-toplevel)"
 WORKERS=${1:-1}
 SNAP=runs/matt-code
 rm -rf "$SNAP.new" && mkdir -p "$SNAP.new" && cp -r bilevel "$SNAP.new/" && rm -rf "$SNAP" && mv "$SNAP.new" "$SNAP"

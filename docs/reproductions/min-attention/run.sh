@@ -13,7 +13,9 @@
 # Run scripts/link-runs.sh once first: it keeps runs/ outside the work tree, which a fresh checkout lays anew.
 # ENV=hopper or walker2d trains that env instead (runs/min-attention-ENV/, records/min-attention-ENV/).
 set -u
-cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
+# bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane
+[ -n "${LANE_SCRIPT:-}" ] || { copy=$(mktemp); cp "$0" "$copy"; LANE_SCRIPT=$0 exec bash "$copy" "$@"; }
+cd "$(git -C "$(dirname "$LANE_SCRIPT")" rev-parse --show-toplevel)"
 ITER=${ITER:-24}
 ALPHAS=${ALPHAS:-0 0.05}
 SEEDS=${SEEDS:-0 1 2}
