@@ -182,7 +182,8 @@ def archive(run: str | Path, records: str | Path, *, allow_shorter: bool = False
     run_rows, record_rows = len(source.read_metrics()), len(RunFolder(record).read_metrics())
     if run_rows < record_rows and not allow_shorter:
         raise ValueError(f"{str(source.path)!r} has {run_rows} metrics rows and its record {str(record)!r} "
-                         f"{record_rows}: archiving would shorten the record (allow_shorter to do so)")
+                         f"{record_rows}: archiving would shorten the record (`--allow-shorter`, or "
+                         "allow_shorter=True, to do so)")
     for file in [*sorted(source.path.glob("*.json")), source.metrics_path]:
         if file.exists():
             atomic_write_text(record / file.name, file.read_text())
