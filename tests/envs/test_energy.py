@@ -28,16 +28,15 @@ def _work_by_hand(env: gym.Env, actions: np.ndarray) -> float:
 @pytest.mark.parametrize("crippled", [False, True])
 def test_the_metered_work_equals_torque_times_joint_velocity(crippled):
     actions = np.random.default_rng(0).uniform(-1, 1, size=(30, 6))
-    metered = EnergyMeter(gym.make("HalfCheetah-v5", max_episode_steps=30))
-    by_hand = gym.make("HalfCheetah-v5", max_episode_steps=30)
+    metered, by_hand = (gym.make("HalfCheetah-v5", max_episode_steps=30) for _ in range(2))
     if crippled:
         metered, by_hand = (perturb(e, "crippled-joint", joint="bthigh") for e in (metered, by_hand))
-    metered.reset(seed=3)
+    meter = EnergyMeter(metered)  # outermost, as `mbmpo.make_env` wraps it
+    meter.reset(seed=3)
     by_hand.reset(seed=3)
     for action in actions:
-        metered.step(action)
+        meter.step(action)
     expected = _work_by_hand(by_hand, actions)
-    meter = metered if isinstance(metered, EnergyMeter) else metered.env
     assert meter.round_energies == [pytest.approx(expected, rel=1e-9)]
     assert expected > 1.0
 
