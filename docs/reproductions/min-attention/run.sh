@@ -16,6 +16,9 @@ set -u
 # bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane
 [ -n "${LANE_SCRIPT:-}" ] || { copy=$(mktemp); cp "$0" "$copy"; LANE_SCRIPT=$0 exec bash "$copy" "$@"; }
 cd "$(git -C "$(dirname "$LANE_SCRIPT")" rev-parse --show-toplevel)"
+for name in ITER ALPHAS SEEDS; do  # set but empty would silently mean the default
+  if [ -n "${!name+set}" ] && [ -z "${!name}" ]; then echo "run.sh: $name is set but empty" >&2; exit 2; fi
+done
 ITER=${ITER:-24}
 ALPHAS=${ALPHAS:-0 0.05}
 SEEDS=${SEEDS:-0 1 2}
