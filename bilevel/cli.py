@@ -140,13 +140,15 @@ def _eval(argv: list[str]) -> int:
         description="Evaluate a run's last checkpoint, or an archived record's evaluation state.")
     parser.add_argument("run", type=Path)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default="eval.json", metavar="NAME.json",
+                        help="the result's file name inside RUN (default eval.json)")
     args, rest = parser.parse_known_args(argv)
     if len(rest) % 2 or any(not key.startswith("--") for key in rest[::2]):
         print(f"bilevel eval: options must be --KEY VALUE pairs; got {rest}", file=sys.stderr)
         return EXIT_BAD_INPUT
     options = {key[2:].replace("-", "_"): _literal(value) for key, value in zip(rest[::2], rest[1::2], strict=True)}
     try:
-        result = evaluate_run(args.run, options, device=args.device)
+        result = evaluate_run(args.run, options, device=args.device, out_name=args.out)
     except (ValueError, TypeError) as error:
         print(f"bilevel eval: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -166,7 +166,7 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path, *, x_max: float 
       over its last ``last`` iterations with ``env_steps <= x_max`` (all, without ``x_max``), then mean and
       standard deviation over seeds;
     - ``adaptation.png``: return against adaptation samples from each run's ``eval*.json`` (written by
-      ``bilevel eval RUN --perturb ...``; copy ``eval.json`` to ``eval-PERTURB.json`` to keep several; files
+      ``bilevel eval RUN --perturb P --out eval-P.json``, one file per evaluation; files
       with the same contents count once), evaluation seed 0 with the run's chosen real-data step
       (`evaluation_curves`), one panel per perturbation, one line per alpha (mean over seeds);
     - ``ood.md``: `ood_summary` as a table (runs with a ``none`` evaluation);

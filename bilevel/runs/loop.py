@@ -214,9 +214,13 @@ def load_learner(run_dir: str | Path, device: str | None = None, *,
     return algorithm, learner
 
 
-def evaluate_run(run_dir: str | Path, options: dict[str, Any], *, device: str | None = None) -> dict[str, float]:
+def evaluate_run(run_dir: str | Path, options: dict[str, Any], *, device: str | None = None,
+                 out_name: str = "eval.json") -> dict[str, float]:
     """Evaluate a run's last checkpoint (or a record's evaluation state) with ``options`` and write
-    ``eval.json``."""
+    ``RUN/out_name`` (a plain ``*.json`` file name, so that evaluations run side by side on one run folder
+    each keep their own file)."""
+    if Path(out_name).name != out_name or not out_name.endswith(".json") or out_name.startswith("."):
+        raise ValueError(f"out_name must be a plain file name ending in .json, got {out_name!r}")
     threads = RunFolder(run_dir).read_config()[1].get("threads", RunConfig.threads)
     with torch_threads(threads):
         _, learner = load_learner(run_dir, device, evaluation_only=True)
@@ -224,5 +228,5 @@ def evaluate_run(run_dir: str | Path, options: dict[str, Any], *, device: str | 
             result = learner.evaluate(**options)
         finally:
             learner.close()
-    RunFolder(run_dir).write_json("eval.json", {"options": options, "iteration": learner.iteration, **result})
+    RunFolder(run_dir).write_json(out_name, {"options": options, "iteration": learner.iteration, **result})
     return result

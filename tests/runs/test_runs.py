@@ -123,6 +123,19 @@ def test_resume_extends_the_budget_and_eval_writes_json(tmp_path):
     assert result["iteration"] == 8
 
 
+def test_eval_out_keeps_each_evaluation_in_its_own_file(tmp_path, capsys):
+    train("test-bandit", bandit_config(iterations=4), tmp_path / "run", progress=False)
+    assert cli.main(["eval", str(tmp_path / "run"), "--scale", "2.0", "--out", "eval-scale2.json"]) == 0
+    assert cli.main(["eval", str(tmp_path / "run"), "--scale", "3.0", "--out", "eval-scale3.json"]) == 0
+    two, three = (json.loads((tmp_path / "run" / f"eval-scale{k}.json").read_text()) for k in (2, 3))
+    assert three["distance"] == pytest.approx(1.5 * two["distance"]) and two["distance"] > 0
+    assert not (tmp_path / "run" / "eval.json").exists()
+    for bad in ("../eval.json", "eval.txt", ".eval.json"):
+        assert cli.main(["eval", str(tmp_path / "run"), "--out", bad]) == 2
+        assert repr(bad) in capsys.readouterr().err
+    assert not (tmp_path / "eval.json").exists()
+
+
 def test_run_folder_layout_and_no_leftover_temporary_files(tmp_path):
     train("test-bandit", bandit_config(), tmp_path / "run", progress=False)
     folder = RunFolder(tmp_path / "run")

@@ -10,8 +10,7 @@ LR=${LR:-}
 for RUN in "${RUNS[@]}"; do
   for P in None mass crippled-joint slope; do
     .venv/bin/bilevel eval "$RUN" --device cpu --perturb "$P" --episodes 5 --adaptation-episodes 5 --adaptation-steps 3 \
-        ${LR:+--adaptation-lr "$LR"}
-    cp "$RUN/eval.json" "$RUN/eval${LR:+-lr$LR}-$P.json"
+        ${LR:+--adaptation-lr "$LR"} --out "eval${LR:+-lr$LR}-$P.json"
   done
 done
 [ -n "$LR" ] || .venv/bin/bilevel plot "${RUNS[@]}" --out runs/min-attention/plots/return.png

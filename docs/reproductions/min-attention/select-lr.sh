@@ -10,8 +10,8 @@ LRS=${LRS:-0.2 0.1 0.05 0.02 0.01 0.005}
 for RUN in "$@"; do
   for LR in $LRS; do
     OUT="$RUN/eval-select-lr$LR.json"
-    [ -f "$OUT" ] || { .venv/bin/bilevel eval "$RUN" --device cpu --perturb None --episodes 5 --adaptation-episodes 5 \
-        --adaptation-steps 3 --seed 1 --adaptation-lr "$LR" > /dev/null && cp "$RUN/eval.json" "$OUT"; }
+    [ -f "$OUT" ] || .venv/bin/bilevel eval "$RUN" --device cpu --perturb None --episodes 5 --adaptation-episodes 5 \
+        --adaptation-steps 3 --seed 1 --adaptation-lr "$LR" --out "$(basename "$OUT")" > /dev/null
     .venv/bin/python -c "import json, sys; d = json.load(open(sys.argv[1]))
 print(sys.argv[1], 'return_0..3', [round(d[f'return_{k}']) for k in range(4)], 'criterion', round(sum(d[f'return_{k}'] for k in (1, 2, 3)) / 3, 1))" "$OUT"
   done
