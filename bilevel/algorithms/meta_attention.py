@@ -428,7 +428,8 @@ def plot_q_gap(run_dirs: list[Path], out_dir: Path, *, x_max: float | None = Non
         if not any(x for x, _ in curves):
             continue
         grid, mean, low, high, _ = seed_band(curves)
-        ax.plot(grid, mean, label=seeds_label(label, len(group)))
+        ends = [x[-1] for x, _ in curves if len(x)]
+        ax.plot(grid, mean, label=seeds_label(label, len(ends), ends))
         ax.fill_between(grid, low, high, alpha=0.25)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xlabel("env_steps")

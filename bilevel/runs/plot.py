@@ -18,9 +18,22 @@ __all__ = ["group_by_config", "plot_curves", "seed_band", "seeds_label"]
 IGNORED_IN_LABELS = ("seed", "device", "checkpoint_every", "iterations")
 
 
-def seeds_label(label: str, seeds: int) -> str:
-    """A legend entry: ``label (1 seed)``, ``label (3 seeds)``."""
-    return f"{label} ({seeds} seed{'' if seeds == 1 else 's'})"
+def short_number(value: float) -> str:
+    """``100000`` as ``100k``, ``2500000`` as ``2.5M``, ``750`` as ``750``."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+def seeds_label(label: str, seeds: int, ends: list[float] | None = None) -> str:
+    """A legend entry: ``label (1 seed)``, ``label (3 seeds)``; with ``ends``, the last x of each
+    seed's curve, runs that stop at different x say so: ``label (3 seeds: 1 to 100k, 2 to 30k)``."""
+    entry = f"{label} ({seeds} seed{'' if seeds == 1 else 's'}"
+    distinct = sorted(set(ends or ()), reverse=True)
+    if len(distinct) > 1:
+        entry += ": " + ", ".join(f"{list(ends).count(end)} to {short_number(end)}" for end in distinct)
+    return entry + ")"
 
 
 def with_defaults(algorithm: str, config: dict) -> dict:
@@ -100,7 +113,8 @@ def plot_curves(
         if x_max is not None and not any(xs for xs, _ in curves):
             raise ValueError(f"{label}: no run has a {y!r} row with {x} <= {x_max:g}")
         grid, mean, low, high, _ = seed_band(curves)
-        ax.plot(grid, mean, label=seeds_label(label, len(group)))
+        ends = [xs[-1] for xs, _ in curves if len(xs)]
+        ax.plot(grid, mean, label=seeds_label(label, len(ends), ends))
         ax.fill_between(grid, low, high, alpha=0.25)
     ax.set_xlabel(x)
     ax.set_ylabel(y)

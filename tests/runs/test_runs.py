@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from bilevel import cli
 from bilevel.runs import Learner, RunConfig, RunFolder, derive_seed, register, train
 from bilevel.runs.loop import load_learner, make_config
-from bilevel.runs.plot import seed_band
+from bilevel.runs.plot import seed_band, seeds_label
 
 
 class SimulatedKill(Exception):
@@ -228,6 +228,13 @@ def test_every_algorithm_prints_its_options(capsys):
             cli.main(["train", name, "--help"])
         assert exit_info.value.code == 0, name
         assert "--threads" in capsys.readouterr().out, name
+
+
+def test_seeds_label_says_where_seeds_stop_at_different_steps():
+    assert seeds_label("td3", 1) == "td3 (1 seed)"
+    assert seeds_label("td3", 3, [30000.0, 30000.0, 30000.0]) == "td3 (3 seeds)"
+    assert seeds_label("td3", 3, [30000.0, 100000.0, 30000.0]) == "td3 (3 seeds: 1 to 100k, 2 to 30k)"
+    assert seeds_label("mbmpo", 2, [2.5e6, 750.0]) == "mbmpo (2 seeds: 1 to 2.5M, 1 to 750)"
 
 
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4), points=st.integers(2, 50))
