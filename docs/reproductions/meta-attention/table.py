@@ -1,11 +1,12 @@
 """Tables and one combined CSV of the MATT runs in a folder (issue 6).
 
-    python docs/reproductions/meta-attention/table.py runs/matt-lunar OUT.csv [THRESHOLD]
+    python docs/reproductions/meta-attention/table.py runs/matt-lunar OUT.csv [THRESHOLD [MAX_ENV_STEPS]]
 
 Prints one row per run (final return, mean of the last 5 evaluations, best, the first env steps at
 which the return reached THRESHOLD (default -250), the last Q(att) - Q(van), wall seconds), then
 one row per learner: the mean and standard error over its seeds (runs named LEARNER-sSEED) of the
-per-seed values. Writes every run's per-iteration metrics into the CSV.
+per-seed values. Writes every run's per-iteration metrics into the CSV. MAX_ENV_STEPS keeps the
+evaluations up to that many env steps, so a stage's table stands when some runs have gone further.
 """
 
 import csv
@@ -24,12 +25,12 @@ def mean_and_error(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) / len(values) ** 0.5:.1f}"
 
 
-def main(folder: str, out: str, threshold: float) -> None:
+def main(folder: str, out: str, threshold: float, max_env_steps: float = float("inf")) -> None:
     rows_out, table, by_learner = [], [], defaultdict(list)
     for path in sorted(glob.glob(f"{folder}/*/metrics.csv")):
         run = path.split("/")[-2]
         with open(path) as handle:
-            rows = list(csv.DictReader(handle))
+            rows = [r for r in csv.DictReader(handle) if int(r["env_steps"]) <= max_env_steps]
         if not rows:
             continue
         rows_out += [{"run": run, **{k: r.get(k, "") for k in KEEP}} for r in rows]
@@ -59,4 +60,5 @@ def main(folder: str, out: str, threshold: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else -250.0)
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else -250.0,
+         float(sys.argv[4]) if len(sys.argv) > 4 else float("inf"))
