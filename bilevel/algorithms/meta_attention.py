@@ -262,7 +262,11 @@ class LookAheadMetaLearner(OffPolicyLearner):
         for param, grad in zip(meta_params.values(), meta_grads, strict=False):
             param.grad = grad
         self.meta_optimizer.step()
-        return {"actor_loss": actor_loss.detach(), "meta_loss": meta_loss.detach(), **self.after_actor_step(obs)}
+        with torch.no_grad():
+            health = {"meta_grad_norm": tree.norm(dict(zip(meta_params, meta_grads, strict=False))),
+                      "meta_net_norm": tree.norm(meta_params)}
+        return {"actor_loss": actor_loss.detach(), "meta_loss": meta_loss.detach(), **health,
+                **self.after_actor_step(obs)}
 
     def actor_step_without_lookahead(self, obs: Tensor) -> dict[str, Tensor]:
         """The actor's step alone, the meta-net held fixed: on ``grad (L_actor + L_aux)(phi)``, one backward

@@ -144,6 +144,7 @@ def test_every_variant_trains_from_the_cli_logs_its_meta_loss_and_evaluates_from
     rows = RunFolder(run).read_metrics()
     assert len(rows) == 2 and rows[-1]["env_steps"] == 120
     assert rows[-1]["meta_loss"] != "" and abs(float(rows[-1]["meta_loss"])) <= 1
+    assert float(rows[-1]["meta_grad_norm"]) >= 0 and float(rows[-1]["meta_net_norm"]) > 0
     if "matt" in algorithm:
         assert rows[-1]["q_attention_minus_vanilla"] != ""
     assert cli.main(["eval", str(run), "--episodes", "1"]) == 0
