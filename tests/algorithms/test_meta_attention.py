@@ -287,6 +287,19 @@ def test_meta_interval_steps_the_meta_net_on_every_kth_actor_update(algorithm):
     assert moves == [False, False, True, False, False, True]
 
 
+@pytest.mark.parametrize("algorithm", ["td3-matt", "td3-mc"])
+def test_logged_meta_norms_are_the_applied_gradient_and_the_stepped_net(algorithm):
+    """``meta_grad_norm`` is the norm of the gradient the meta optimiser applied, ``meta_net_norm`` the norm of
+    the meta net after that step."""
+    learner = build(algorithm, policy_frequency=1, steps_per_iteration=60, learning_starts=51)
+    learner.step()
+    metrics = learner.actor_update(learner.buffer.sample(8, learner.generator).obs)
+    applied = {name: param.grad for name, param in learner.meta_net.named_parameters()}
+    assert torch.allclose(metrics["meta_grad_norm"], tree.norm(applied))
+    assert torch.allclose(metrics["meta_net_norm"], tree.norm(tree.params_of(learner.meta_net, detach=True)))
+    assert metrics["meta_grad_norm"] > 0
+
+
 def test_meta_interval_must_be_positive():
     with pytest.raises(ValueError, match="meta_interval"):
         build("td3-matt", meta_interval=0)
