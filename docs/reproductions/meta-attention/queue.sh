@@ -20,6 +20,7 @@ export PYTHONPATH=$PWD/$SNAP OMP_NUM_THREADS=1
 COMMON="--batch-size 128 --actor-lr 1e-3 --critic-lr 1e-3 --eval-episodes 10 --device cpu"
 PEND="--env Pendulum-v1 --learning-starts 1000 --checkpoint-every 1 $COMMON"
 LUNAR="--env LunarLanderContinuous-v3 --learning-starts 10000 --buffer-size 300000 --checkpoint-every 5 $COMMON"
+LIVE="$LUNAR --meta-weight-decay 0"
 # BipedalWalker: 2000 env steps per iteration (an evaluation of 10 episodes of up to 1600 steps every 2k)
 BIPEDAL="--env BipedalWalker-v3 --steps-per-iteration 2000 --learning-starts 10000 --buffer-size 300000 --checkpoint-every 5 $COMMON"
 TD3_FAMILY="td3 td3-matt td3-matt-dt td3-mc"
@@ -30,9 +31,12 @@ jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 30 $LUNAR --seed $s"; done; done
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-bipedal/$a-s$s $a 25 $BIPEDAL --seed $s"; done; done
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 100 $LUNAR --seed $s"; done; done
+  # the meta nets without the authors' weight decay, under which they decay to zero (ONLY=matt-lunar-live)
+  for s in 0 1 2; do for a in td3-matt td3-mc; do echo "runs/matt-lunar-live/$a-s$s $a 100 $LIVE --seed $s"; done; done
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-bipedal/$a-s$s $a 50 $BIPEDAL --seed $s"; done; done
   for target in 200 300; do
     for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a $target $LUNAR --seed $s"; done; done
+    for s in 0 1 2; do for a in td3-matt td3-mc; do echo "runs/matt-lunar-live/$a-s$s $a $target $LIVE --seed $s"; done; done
   done
 }
 

@@ -16,7 +16,8 @@ import sys
 from collections import defaultdict
 
 KEEP = ["iteration", "env_steps", "return", "return_std", "train_return", "critic_loss", "actor_loss", "meta_loss",
-        "q_attention_minus_vanilla", "attention_preferred", "attention_scale_mean", "alpha", "seconds"]
+        "q_attention_minus_vanilla", "attention_preferred", "attention_scale_mean", "alpha", "meta_grad_norm",
+        "meta_net_norm", "seconds"]
 
 
 def mean_and_error(values: list[float]) -> str:
