@@ -19,9 +19,9 @@ thread. ``--resume RUN`` times the iteration after a run's last checkpoint inste
 iteration's model fit). ``--repeats`` reruns the same iteration from the same state.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mbmpo_iteration.py [--alpha 0.05] [--resume RUN]
-[--fisher-product exact|gauss-newton]``; to compare two versions of the package, or the two Fisher products
-(timed as ``trpo.linearise`` / ``trpo.fvp`` either way), run it with ``PYTHONPATH`` pointing at each, or with each
-``--fisher-product``, alternately.
+[--fisher-product exact|gauss-newton] [--device cuda]``; to compare two versions of the package, or the two
+Fisher products (timed as ``trpo.linearise`` / ``trpo.fvp`` either way), run it with ``PYTHONPATH`` pointing at
+each, or with each ``--fisher-product``, alternately.
 """
 
 from __future__ import annotations
@@ -166,9 +166,9 @@ def instrument(timer: PhaseTimer) -> contextlib.ExitStack:
 
 def build(args: argparse.Namespace) -> mbmpo.MBMPO:
     if args.resume:
-        _, learner = load_learner(args.resume, device="cpu")
+        _, learner = load_learner(args.resume, device=args.device)
         return learner
-    values = {**REPRODUCTION, "seed": args.seed, "attention_weight": args.alpha, "iterations": 1}
+    values = {**REPRODUCTION, "seed": args.seed, "attention_weight": args.alpha, "iterations": 1, "device": args.device}
     if args.fisher_product is not None:
         values["fisher_product"] = args.fisher_product
     return _build("mbmpo", make_config("mbmpo", values))
@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--fisher-product", default=None, help="fisher_product of a fresh run (default: the config's)")
     parser.add_argument("--resume", default=None, help="time the iteration after this run's last checkpoint")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N (the learner's device; the MuJoCo steps stay on the CPU)")
     parser.add_argument("--json", default=None, help="also write the phases and metrics here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -193,6 +195,8 @@ def main() -> None:
         with instrument(timer), timer.phase("other"):
             start, cpu_start = time.perf_counter(), time.process_time()
             metrics = learner.step()
+            if learner.device.type == "cuda":
+                torch.cuda.synchronize(learner.device)
             total, cpu_total = time.perf_counter() - start, time.process_time() - cpu_start
         results.append(
             {

@@ -189,7 +189,7 @@ def collect_statistics(
     mdp = task.mdp
     envs = make_vector_env(lambda: FrozenLakeEnv(task), min(num_envs, episodes))
     generator = torch.Generator().manual_seed(seed)
-    policy = softmax_policy(logits.detach())
+    policy = softmax_policy(logits.detach()).cpu()
 
     def policy_fn(obs: Tensor) -> tuple[Tensor, None]:
         return torch.multinomial(policy[obs.long()], 1, generator=generator).squeeze(-1), None

@@ -450,14 +450,15 @@ class BOMRLLearner(Learner):
     their statistics once with ``pi_phi`` (episodes seeded from ``(seed, iteration)``, or exact),
     and takes one Adam step along the hypergradient. ``return`` is the batch's mean exact discounted
     return of ``pi_phi``, ``adapted_return`` that after one adaptation. Everything runs on the CPU in
-    float64 (the tensors are 17 x 4); ``device`` is not used."""
+    float64 (the tensors are 17 x 4), whatever ``device`` names: ``self.device`` is the CPU, so a checkpoint
+    is restored there."""
 
     Config = BOMRLConfig
     envs = ("frozenlake-hole", "frozenlake-nohole")
     config: BOMRLConfig
 
     def __init__(self, config: BOMRLConfig, device: torch.device) -> None:
-        super().__init__(config, device)
+        super().__init__(config, torch.device("cpu"))
         self.family = make_family(config.env)
         train = self.family.train_tasks()
         if not config.num_validation < len(train):

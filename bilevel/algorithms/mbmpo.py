@@ -639,7 +639,8 @@ class MBMPO(Learner):
 
     def _start_states(self, generator: torch.Generator) -> Tensor:
         starts = self.data["start_obs"].to(self.device)
-        rows = torch.randint(starts.shape[0], (self.config.imagined_trajectories,), generator=generator)
+        rows = torch.randint(starts.shape[0], (self.config.imagined_trajectories,), generator=generator,
+                             device=generator.device)
         return starts[rows.to(self.device)].expand(self.config.num_elites, -1, -1)
 
     def adapted_for_models(self, generator: torch.Generator) -> tuple[TaskData, Tree]:

@@ -486,7 +486,7 @@ def plot_feature_embeddings(run_dirs: list[Path], out_dir: Path, stages: int = 5
     plt = _pyplot()
     fig, axes = plt.subplots(len(picks), 2, figsize=(9, 2.8 * len(picks)), squeeze=False)
     for row, index in zip(axes, picks, strict=True):
-        data = torch.load(files[index], weights_only=True)
+        data = torch.load(files[index], map_location="cpu", weights_only=True)
         gap = (data["q_attention"] - data["q_vanilla"]).numpy()
         row[0].plot(gap, lw=0.8)
         row[0].axhline(0.0, color="black", lw=0.6)

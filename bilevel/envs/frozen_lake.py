@@ -174,9 +174,9 @@ class FrozenLakeEnv(gym.Env):
         self.mdp = task.mdp
         self.observation_space = gym.spaces.Discrete(self.mdp.num_observable_states)
         self.action_space = gym.spaces.Discrete(self.mdp.rewards.shape[-1])
-        self._cumulative_transitions = self.mdp.transitions.cumsum(dim=-1).numpy()
-        self._cumulative_initial = self.mdp.initial_distribution.cumsum(dim=-1).numpy()
-        self._rewards = self.mdp.rewards.numpy()
+        self._cumulative_transitions = self.mdp.transitions.cumsum(dim=-1).cpu().numpy()
+        self._cumulative_initial = self.mdp.initial_distribution.cumsum(dim=-1).cpu().numpy()
+        self._rewards = self.mdp.rewards.cpu().numpy()
         self._next_cell = moves(len(task.desc)).numpy()
         self._state = 0
         self._elapsed_steps = 0

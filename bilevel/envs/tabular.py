@@ -190,7 +190,8 @@ class Episodes(NamedTuple):
 def _inverse_cdf(probabilities: Tensor, generator: torch.Generator) -> Tensor:
     """One index per row of ``probabilities [..., K]`` by inverse-CDF sampling; int64 ``[...]``."""
     cumulative = probabilities.cumsum(dim=-1)
-    uniform = torch.rand(cumulative.shape[:-1], dtype=cumulative.dtype, generator=generator)
+    uniform = torch.rand(cumulative.shape[:-1], dtype=cumulative.dtype, generator=generator, device=generator.device)
+    uniform = uniform.to(cumulative.device)
     index = (cumulative < uniform[..., None] * cumulative[..., -1:]).sum(dim=-1)
     return index.clamp(max=probabilities.shape[-1] - 1)
 

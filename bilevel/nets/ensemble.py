@@ -483,5 +483,6 @@ class ProbabilisticEnsemble(nn.Module):
         return {"is_holdout": self.is_holdout.clone(), "bootstrap_idx": self.bootstrap_idx.clone()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.is_holdout = state["is_holdout"].clone()
-        self.bootstrap_idx = state["bootstrap_idx"].clone()
+        """The split is bookkeeping on the CPU (drawn by `_extend_split`), wherever the checkpoint was mapped."""
+        self.is_holdout = state["is_holdout"].cpu().clone()
+        self.bootstrap_idx = state["bootstrap_idx"].cpu().clone()

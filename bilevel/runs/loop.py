@@ -54,11 +54,13 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `_rng_state`; its byte tensors may arrive on the learner's device (``torch.load``'s
+    ``map_location``), and the generators take CPU ones."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])  # noqa: NPY002
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([device_state.cpu() for device_state in state["cuda"]])
 
 
 def make_config(algorithm: str, values: dict[str, Any]) -> RunConfig:
