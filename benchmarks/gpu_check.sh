@@ -10,7 +10,8 @@
 # STEPS is a comma list of: tests (tests/test_cuda.py and the CUDA tests of tests/rl), mbmpo-0 and mbmpo-0.05
 # (one first MB-MPO iteration at attention weight 0 / 0.05 at the reproduction's settings, on the GPU and then
 # on this machine's CPU, one thread: benchmarks/mbmpo_iteration.py), maml (benchmarks/maml_meta_gradient.py on
-# both devices). A step starts only while SECONDS (default 300) have not passed; each writes OUT_DIR/STEP.log.
+# both devices), updates (one gradient update of DDPG, TD3, SAC and their MATT variants on both devices:
+# benchmarks/off_policy_speed.py --updates-only). A step starts only while SECONDS (default 300) have not passed; each writes OUT_DIR/STEP.log.
 set -u
 out=${1:?usage: gpu_check.sh OUT_DIR [STEPS] [SECONDS]}
 steps=${2:-tests,mbmpo-0}
@@ -46,6 +47,10 @@ for step in ${steps//,/ }; do
              run "$step-cpu" 240 python3 benchmarks/mbmpo_iteration.py --alpha "$alpha" --device cpu ;;
     maml) run maml-cuda 120 python3 benchmarks/maml_meta_gradient.py --device cuda
           run maml-cpu 120 python3 benchmarks/maml_meta_gradient.py --device cpu ;;
+    updates) for device in cuda cpu; do
+               run "updates-$device" 110 python3 benchmarks/off_policy_speed.py --updates-only --device $device \
+                 --updates 100 --repeats 3 --meta-intervals 16
+             done ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

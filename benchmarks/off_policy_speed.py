@@ -15,7 +15,9 @@ updates, one of them with the delayed actor step). TD3-MATT and SAC-MATT also ru
 that changes the algorithm, not the default), their FLOPs averaged over a cycle of k actor updates.
 
 Run: ``.venv/bin/python benchmarks/off_policy_speed.py [--chunk 1000] [--repeats 3] [--meta-intervals 4 16]``
-(needs ``pip install 'bilevel[bench]'`` for stable-baselines3).
+(needs ``pip install 'bilevel[bench]'`` for stable-baselines3). ``--updates-only`` times the updates alone (no
+env steps, no Stable-Baselines3); ``--device cuda`` puts our learners on a GPU (wall time is then the clock: each
+timed run ends with ``torch.cuda.synchronize``).
 """
 
 from __future__ import annotations
@@ -39,14 +41,14 @@ def learner_name(algorithm: str, meta_interval: int = 1) -> str:
     return algorithm if meta_interval == 1 else f"{algorithm} k={meta_interval}"
 
 
-def build(name: str, learning_starts: int, steps_per_iteration: int) -> object:
+def build(name: str, learning_starts: int, steps_per_iteration: int, device: str = "cpu") -> object:
     """Our learner ``name`` (`learner_name`) with the benchmark's settings."""
     from bilevel.runs.loop import _build, make_config
 
     algorithm, _, interval = name.partition(" k=")
     values = {"env": ENV, "hidden": HIDDEN, "batch_size": BATCH, "actor_lr": LR, "critic_lr": LR,
               "learning_starts": learning_starts, "steps_per_iteration": steps_per_iteration, "eval_episodes": 0,
-              "device": "cpu", "buffer_size": 100_000}
+              "device": device, "buffer_size": 100_000}
     if interval:
         values["meta_interval"] = int(interval)
     return _build(algorithm, make_config(algorithm, values))
@@ -79,15 +81,17 @@ def stable_baselines(algorithm: str, learning_starts: int, chunk: int) -> Callab
 
 
 def timed(run: Callable[[], object]) -> tuple[float, float]:
-    """(CPU seconds, wall seconds) of one call."""
+    """(CPU seconds, wall seconds) of one call, the GPU's queued work included."""
     cpu, wall = time.process_time(), time.perf_counter()
     run()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def update_learner(name: str, learning_starts: int) -> Callable[[], object]:
+def update_learner(name: str, learning_starts: int, device: str = "cpu") -> Callable[[], object]:
     """Our learner ``name``'s ``gradient_update`` after ``learning_starts`` random steps and 10 updates."""
-    learner = build(name, learning_starts, learning_starts)
+    learner = build(name, learning_starts, learning_starts, device)
     learner.step()
     for _ in range(10):
         learner.gradient_update()
@@ -110,10 +114,10 @@ def mflop_per_update(update: Callable[[], object], updates: int) -> float:
 
 
 def per_update_ms(algorithms: tuple[str, ...], learning_starts: int, updates: int,
-                  repeats: int) -> dict[str, tuple[float, float]]:
+                  repeats: int, device: str = "cpu") -> dict[str, tuple[float, float]]:
     """Median (CPU ms, wall ms) of one ``gradient_update`` of each of our ``algorithms`` over ``repeats``
     runs of ``updates`` updates, the algorithms taking turns run by run."""
-    learners = {algorithm: update_learner(algorithm, learning_starts) for algorithm in algorithms}
+    learners = {algorithm: update_learner(algorithm, learning_starts, device) for algorithm in algorithms}
     samples: dict[str, list[tuple[float, float]]] = {algorithm: [] for algorithm in algorithms}
     for _ in range(repeats):
         for algorithm, update in learners.items():
@@ -131,9 +135,34 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--meta-intervals", type=int, nargs="*", default=[4, 16],
                         help="also time TD3-MATT and SAC-MATT with the look-ahead on every k-th actor update")
+    parser.add_argument("--device", default="cpu", help="our learners' device (cpu, cuda or cuda:N)")
+    parser.add_argument("--updates-only", action="store_true",
+                        help="time the gradient updates alone: no env-step chunks, no Stable-Baselines3")
     args = parser.parse_args()
     intervals = [k for k in args.meta_intervals if k > 1]
     torch.set_num_threads(args.threads)
+    if not args.updates_only:
+        compare_with_stable_baselines(args, intervals)
+    print(f"\ntorch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, {ENV}, "
+          f"batch {BATCH}, hidden {HIDDEN}, {args.updates} updates x {args.repeats}")
+    print("\n| learner | ms CPU / update | ms wall / update | MFLOP / update | CPU time x base | wall time x base | "
+          "FLOP x base |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    algorithms = ("ddpg", "ddpg-matt", "td3", "td3-matt",
+                  *(learner_name("td3-matt", k) for k in intervals), "sac", "sac-matt",
+                  *(learner_name("sac-matt", k) for k in intervals))
+    update_ms = per_update_ms(algorithms, args.learning_starts, args.updates, args.repeats, args.device)
+    flops = {algorithm: mflop_per_update(update_learner(algorithm, args.learning_starts, args.device),
+                                         cycle(algorithm)) for algorithm in algorithms}
+    for algorithm in algorithms:
+        base = algorithm.split("-")[0]
+        cpu, wall = update_ms[algorithm]
+        print(f"| {algorithm} | {cpu:.2f} | {wall:.2f} | {flops[algorithm]:.0f} | {cpu / update_ms[base][0]:.2f} | "
+              f"{wall / update_ms[base][1]:.2f} | {flops[algorithm] / flops[base]:.2f} |")
+
+
+def compare_with_stable_baselines(args: argparse.Namespace, intervals: list[int]) -> None:
+    """Env steps (with their updates) per second of our learners against Stable-Baselines3's, on the CPU."""
     import stable_baselines3
 
     print(f"torch {torch.__version__}, stable-baselines3 {stable_baselines3.__version__}, threads "
@@ -171,20 +200,6 @@ def main() -> None:
             for base in (name.split("-")[0], f"sb3 {name.split('-')[0].removeprefix('ours ')}"):
                 print(f"| {name} / {base} time per env step | {rate[base][0] / rate[name][0]:.2f} | "
                       f"{rate[base][1] / rate[name][1]:.2f} |")
-
-    print("\n| learner | ms CPU / update | ms wall / update | MFLOP / update | CPU time x base | FLOP x base |")
-    print("|---|---:|---:|---:|---:|---:|")
-    algorithms = ("ddpg", "ddpg-matt", "td3", "td3-matt",
-                  *(learner_name("td3-matt", k) for k in intervals), "sac", "sac-matt",
-                  *(learner_name("sac-matt", k) for k in intervals))
-    update_ms = per_update_ms(algorithms, args.learning_starts, args.updates, args.repeats)
-    flops = {algorithm: mflop_per_update(update_learner(algorithm, args.learning_starts), cycle(algorithm))
-             for algorithm in algorithms}
-    for algorithm in algorithms:
-        base = algorithm.split("-")[0]
-        cpu, wall = update_ms[algorithm]
-        print(f"| {algorithm} | {cpu:.2f} | {wall:.2f} | {flops[algorithm]:.0f} | {cpu / update_ms[base][0]:.2f} | "
-              f"{flops[algorithm] / flops[base]:.2f} |")
 
 
 if __name__ == "__main__":
