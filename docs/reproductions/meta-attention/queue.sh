@@ -34,10 +34,13 @@ jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   # the meta nets without the authors' weight decay, under which they decay to zero (ONLY=matt-lunar-live)
   for s in 0 1 2; do for a in td3-matt td3-mc; do echo "runs/matt-lunar-live/$a-s$s $a 100 $LIVE --seed $s"; done; done
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-bipedal/$a-s$s $a 50 $BIPEDAL --seed $s"; done; done
-  for target in 200 300; do
-    for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a $target $LUNAR --seed $s"; done; done
-    for s in 0 1 2; do for a in td3-matt td3-mc; do echo "runs/matt-lunar-live/$a-s$s $a $target $LIVE --seed $s"; done; done
-  done
+  for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 200 $LUNAR --seed $s"; done; done
+  for s in 0 1 2; do for a in td3-matt td3-mc; do echo "runs/matt-lunar-live/$a-s$s $a 200 $LIVE --seed $s"; done; done
+  # TD3-MATT-DT with live nets, added once the live TD3-MATT runs had answered at 200k
+  for s in 0 1 2; do echo "runs/matt-lunar-live/td3-matt-dt-s$s td3-matt-dt 100 $LIVE --seed $s"; done
+  for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 300 $LUNAR --seed $s"; done; done
+  for s in 0 1 2; do for a in td3-matt td3-matt-dt td3-mc; do
+    echo "runs/matt-lunar-live/$a-s$s $a 300 $LIVE --seed $s"; done; done
 }
 
 last_iteration() {  # the last iteration in FOLDER/metrics.csv, 0 without one
