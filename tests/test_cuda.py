@@ -5,6 +5,7 @@ project's CI has none; ``benchmarks/gpu_check.sh`` runs this module on a lent GP
 import csv
 import math
 
+import optree
 import pytest
 import torch
 import torchopt
@@ -50,20 +51,10 @@ def test_learner_trains_resumes_and_evaluates_on_cuda(tmp_path, algorithm):
                 assert math.isfinite(float(value)), (key, value)
     _, learner = load_learner(run, "cuda")
     assert learner.device.type == ("cpu" if algorithm in CPU_ONLY else "cuda")
-    floating = [v for v in _tensors(learner.state_dict()) if v.is_floating_point()]
+    floating = [v for v in optree.tree_leaves(learner.state_dict(), none_is_leaf=True)
+                if isinstance(v, torch.Tensor) and v.is_floating_point()]
     assert floating and any(v.device.type == learner.device.type for v in floating)
     assert cli.main(["eval", str(run)]) == 0
-
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            yield from _tensors(value)
-    elif isinstance(tree, list | tuple):
-        for value in tree:
-            yield from _tensors(value)
 
 
 def _ridge_hypergradient(device):
