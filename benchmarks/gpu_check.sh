@@ -11,7 +11,8 @@
 # (one first MB-MPO iteration at attention weight 0 / 0.05 at the reproduction's settings, on the GPU and then
 # on this machine's CPU, one thread: benchmarks/mbmpo_iteration.py), maml (benchmarks/maml_meta_gradient.py on
 # both devices), updates (one gradient update of DDPG, TD3, SAC and their MATT variants on both devices:
-# benchmarks/off_policy_speed.py --updates-only). A step starts only while SECONDS (default 300) have not passed; each writes OUT_DIR/STEP.log.
+# benchmarks/off_policy_speed.py --updates-only). A step starts only while SECONDS (default 300) have not passed; each writes
+# OUT_DIR/STEP.log (both devices' runs in one file).
 set -u
 out=${1:?usage: gpu_check.sh OUT_DIR [STEPS] [SECONDS]}
 steps=${2:-tests,mbmpo-0}
@@ -29,13 +30,16 @@ print(f"torch {torch.__version__}, torchopt {torchopt.__version__}, gymnasium {g
       f"mujoco {mujoco.__version__}, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA'}")
 EOF
 
-run() {  # STEP TIMEOUT COMMAND...
+run() {  # STEP TIMEOUT COMMAND...: appends to OUT_DIR/STEP.log, STEP without its -cuda / -cpu suffix (the device
+  # tool brings back at most 8 files)
   local step=$1 limit=$2; shift 2
+  local log="$out/${step%-cu*}" && log="${log%-cpu}.log"
   if [ $SECONDS -ge $deadline ]; then echo "$step: skipped, past the deadline" | tee -a "$out/summary.txt"; return; fi
   local start=$SECONDS
-  timeout "$limit" "$@" > "$out/$step.log" 2>&1
+  echo "== $step: $*" >> "$log"
+  timeout "$limit" "$@" >> "$log" 2>&1
   echo "$step: exit $? in $((SECONDS - start)) s" | tee -a "$out/summary.txt"
-  tail -n 4 "$out/$step.log"
+  tail -n 4 "$log"
 }
 
 for step in ${steps//,/ }; do
