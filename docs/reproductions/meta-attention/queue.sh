@@ -41,6 +41,8 @@ jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 300 $LUNAR --seed $s"; done; done
   for s in 0 1 2; do for a in td3-matt td3-matt-dt td3-mc; do
     echo "runs/matt-lunar-live/$a-s$s $a 300 $LIVE --seed $s"; done; done
+  # BipedalWalker to 200k (ONLY=matt-bipedal): TD3 and TD3-MATT over the seeds first, then DT and MC
+  for a in $TD3_FAMILY; do for s in 0 1 2; do echo "runs/matt-bipedal/$a-s$s $a 100 $BIPEDAL --seed $s"; done; done
 }
 
 last_iteration() {  # the last iteration in FOLDER/metrics.csv, 0 without one
