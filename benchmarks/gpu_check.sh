@@ -5,13 +5,15 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
 #     torchopt==0.7.3 optree graphviz gymnasium==1.4.0 farama-notifications mujoco==4.0.1 mujoco-core==4.0.1 \
-#     mujoco-studio==4.0.1 glfw pyopengl box2d higher
+#     mujoco-studio==4.0.1 glfw pyopengl box2d higher stable-baselines3
 #   bash benchmarks/gpu_check.sh OUT_DIR [STEPS] [SECONDS]
 # STEPS is a comma list of: tests (tests/test_cuda.py and the CUDA tests of tests/rl), mbmpo-0 and mbmpo-0.05
 # (one first MB-MPO iteration at attention weight 0 / 0.05 at the reproduction's settings, on the GPU and then
 # on this machine's CPU, one thread: benchmarks/mbmpo_iteration.py), maml (benchmarks/maml_meta_gradient.py on
 # both devices), updates (one gradient update of DDPG, TD3, SAC and their MATT variants on both devices:
-# benchmarks/off_policy_speed.py --updates-only). A step starts only while SECONDS (default 300) have not passed; each writes
+# benchmarks/off_policy_speed.py --updates-only), envsteps (env steps per second of our TD3, SAC and their MATT
+# variants against Stable-Baselines3's TD3 and SAC, all networks on the GPU, then all on the CPU: the whole
+# benchmarks/off_policy_speed.py). A step starts only while SECONDS (default 300) have not passed; each writes
 # OUT_DIR/STEP.log (both devices' runs in one file).
 set -u
 out=${1:?usage: gpu_check.sh OUT_DIR [STEPS] [SECONDS]}
@@ -55,6 +57,10 @@ for step in ${steps//,/ }; do
                run "updates-$device" 110 python3 benchmarks/off_policy_speed.py --updates-only --device $device \
                  --updates 100 --repeats 3 --meta-intervals 16
              done ;;
+    envsteps) for device in cuda cpu; do
+                run "envsteps-$device" 240 python3 benchmarks/off_policy_speed.py --device $device --chunk 300 \
+                  --repeats 3 --meta-intervals 16 --updates 50
+              done ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

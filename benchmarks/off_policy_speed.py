@@ -16,8 +16,8 @@ that changes the algorithm, not the default), their FLOPs averaged over a cycle 
 
 Run: ``.venv/bin/python benchmarks/off_policy_speed.py [--chunk 1000] [--repeats 3] [--meta-intervals 4 16]``
 (needs ``pip install 'bilevel[bench]'`` for stable-baselines3). ``--updates-only`` times the updates alone (no
-env steps, no Stable-Baselines3); ``--device cuda`` puts our learners on a GPU (wall time is then the clock: each
-timed run ends with ``torch.cuda.synchronize``).
+env steps, no Stable-Baselines3); ``--device cuda`` puts our learners' and Stable-Baselines3's networks on a GPU
+(wall time is then the clock: each timed run ends with ``torch.cuda.synchronize``).
 """
 
 from __future__ import annotations
@@ -54,22 +54,22 @@ def build(name: str, learning_starts: int, steps_per_iteration: int, device: str
     return _build(algorithm, make_config(algorithm, values))
 
 
-def ours(name: str, learning_starts: int, chunk: int) -> Callable[[], None]:
+def ours(name: str, learning_starts: int, chunk: int, device: str = "cpu") -> Callable[[], None]:
     """A function that trains our learner ``name`` (`learner_name`) for ``chunk`` env steps per call (after
     a first call that fills the buffer with ``learning_starts`` random steps)."""
-    learner = build(name, learning_starts, chunk)
+    learner = build(name, learning_starts, chunk, device)
     while learner.env_steps < learning_starts:
         learner.step()
     return learner.step
 
 
-def stable_baselines(algorithm: str, learning_starts: int, chunk: int) -> Callable[[], None]:
+def stable_baselines(algorithm: str, learning_starts: int, chunk: int, device: str = "cpu") -> Callable[[], None]:
     """The same for Stable-Baselines3's TD3 or SAC with our settings."""
     from stable_baselines3 import SAC, TD3
     from stable_baselines3.common.noise import NormalActionNoise
 
     common = {"learning_rate": LR, "buffer_size": 100_000, "learning_starts": learning_starts, "batch_size": BATCH,
-              "tau": 0.005, "gamma": 0.99, "train_freq": 1, "gradient_steps": 1, "device": "cpu", "seed": 0,
+              "tau": 0.005, "gamma": 0.99, "train_freq": 1, "gradient_steps": 1, "device": device, "seed": 0,
               "policy_kwargs": {"net_arch": list(HIDDEN)}}
     if algorithm == "td3":
         model = TD3("MlpPolicy", ENV, action_noise=NormalActionNoise(np.zeros(1), 0.1 * np.ones(1)), policy_delay=2,
@@ -162,23 +162,26 @@ def main() -> None:
 
 
 def compare_with_stable_baselines(args: argparse.Namespace, intervals: list[int]) -> None:
-    """Env steps (with their updates) per second of our learners against Stable-Baselines3's, on the CPU."""
+    """Env steps (with their updates) per second of our learners against Stable-Baselines3's, both with their
+    networks on ``args.device``."""
     import stable_baselines3
 
-    print(f"torch {torch.__version__}, stable-baselines3 {stable_baselines3.__version__}, threads "
-          f"{torch.get_num_threads()}, {ENV}, batch {BATCH}, hidden {HIDDEN}, chunk {args.chunk} x {args.repeats}")
+    print(f"torch {torch.__version__}, stable-baselines3 {stable_baselines3.__version__}, device {args.device}, "
+          f"threads {torch.get_num_threads()}, {ENV}, batch {BATCH}, hidden {HIDDEN}, chunk {args.chunk} x "
+          f"{args.repeats}")
+    start, chunk, device = args.learning_starts, args.chunk, args.device
     learners = {
-        "ours td3": ours("td3", args.learning_starts, args.chunk),
-        "sb3 td3": stable_baselines("td3", args.learning_starts, args.chunk),
-        "ours sac": ours("sac", args.learning_starts, args.chunk),
-        "sb3 sac": stable_baselines("sac", args.learning_starts, args.chunk),
-        "ours td3-matt": ours("td3-matt", args.learning_starts, args.chunk),
-        "ours sac-matt": ours("sac-matt", args.learning_starts, args.chunk),
+        "ours td3": ours("td3", start, chunk, device),
+        "sb3 td3": stable_baselines("td3", start, chunk, device),
+        "ours sac": ours("sac", start, chunk, device),
+        "sb3 sac": stable_baselines("sac", start, chunk, device),
+        "ours td3-matt": ours("td3-matt", start, chunk, device),
+        "ours sac-matt": ours("sac-matt", start, chunk, device),
     }
     for k in intervals:
         for algorithm in ("td3-matt", "sac-matt"):
             name = learner_name(algorithm, k)
-            learners[f"ours {name}"] = ours(name, args.learning_starts, args.chunk)
+            learners[f"ours {name}"] = ours(name, start, chunk, device)
     for run in learners.values():
         run()
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in learners}
