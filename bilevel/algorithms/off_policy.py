@@ -2,7 +2,7 @@
 
 One iteration (`OffPolicyLearner.step`) is::
 
-    reset the training envs with seeds derived from (seed, iteration)
+    make fresh training envs and reset them with seeds derived from (seed, iteration)
     until steps_per_iteration transitions are stored:
         a ~ uniform[-1, 1]^A before learning_starts, else the algorithm's exploring action
         s', r, terminated, truncated = envs.step(rescale(a) to the env's Box bounds)
@@ -16,9 +16,12 @@ eq. 10 with ``d = terminated``). The training envs are reset at every iteration 
 last transition of each unfinished episode is stored as truncated, so an iteration is a pure
 function of the learner state and the iteration's seed: a run resumed from a checkpoint equals
 an uninterrupted one exactly on CPU, with no environment state to save (Gymnasium envs, Box2D
-ones in particular, cannot be pickled). Choose ``steps_per_iteration`` as a multiple of the
-time limit (Pendulum 200, MuJoCo and LunarLander 1000, BipedalWalker 1600) so that no episode is
-cut early; with ``num_envs=1`` the iteration then ends exactly at an episode's end.
+ones in particular, cannot be pickled). The envs are made anew each iteration because a seeded
+reset does not clear all of an env's state: BipedalWalker keeps its ``Box2D.b2World`` across
+resets, and its trajectories after ``reset(seed=s)`` depend on the episodes before. Choose
+``steps_per_iteration`` as a multiple of the time limit (Pendulum 200, MuJoCo and LunarLander 1000,
+BipedalWalker 1600) so that no episode is cut early; with ``num_envs=1`` the iteration then ends
+exactly at an episode's end.
 
 Actions live in [-1, 1] inside the learner (actors end in tanh) and are rescaled to the env's
 bounds only when sent to the env. All randomness (random steps, exploration noise, target
@@ -253,9 +256,8 @@ class OffPolicyLearner(Learner):
         probe = make_box_env(config.env)
         self.obs_dim = int(np.prod(probe.observation_space.shape))
         self.act_dim = int(np.prod(probe.action_space.shape))
+        space = probe.action_space
         probe.close()
-        self.train_envs = make_vector_env(functools.partial(make_box_env, config.env), config.num_envs)
-        space = self.train_envs.single_action_space
         dtype = torch.get_default_dtype()
         self.action_low = torch.as_tensor(space.low, dtype=dtype, device=device)
         self.action_high = torch.as_tensor(space.high, dtype=dtype, device=device)
@@ -396,8 +398,21 @@ class OffPolicyLearner(Learner):
     # --- the Learner interface -----------------------------------------------------------------
 
     def step(self) -> dict[str, float]:
+        train_envs = make_vector_env(functools.partial(make_box_env, self.config.env), self.config.num_envs)
+        try:
+            row = self._collect_and_learn(train_envs)
+        finally:
+            train_envs.close()
+        if self.config.eval_episodes:
+            row |= self.evaluate(episodes=self.config.eval_episodes)
+        return row
+
+    def _collect_and_learn(self, train_envs: gym.vector.VectorEnv) -> dict[str, float]:
+        """Store ``steps_per_iteration`` transitions from ``train_envs`` (fresh, reset with the iteration's
+        seed) with one gradient update per transition after ``learning_starts``; the mean of each update
+        metric and the mean return of the finished training episodes."""
         config = self.config
-        obs_np, _ = self.train_envs.reset(seed=derive_seed(config.seed, self.iteration, SEED_PURPOSES["train_envs"]))
+        obs_np, _ = train_envs.reset(seed=derive_seed(config.seed, self.iteration, SEED_PURPOSES["train_envs"]))
         is_reset_step = np.zeros(config.num_envs, dtype=bool)
         episode_return = np.zeros(config.num_envs)
         finished_returns: list[float] = []
@@ -413,7 +428,7 @@ class OffPolicyLearner(Learner):
                 else:
                     actions = self.decide(obs, explore=True)
             env_actions = rescale_action(actions, self.action_low, self.action_high).cpu().numpy()
-            next_obs_np, rewards, terminated, truncated, _ = self.train_envs.step(env_actions)
+            next_obs_np, rewards, terminated, truncated, _ = train_envs.step(env_actions)
             real = ~is_reset_step
             new_transitions = int(real.sum())
             stored += new_transitions
@@ -433,8 +448,6 @@ class OffPolicyLearner(Learner):
         row = {name: float(total) / metric_counts[name] for name, total in metric_sums.items()}
         if finished_returns:
             row["train_return"] = float(np.mean(finished_returns))
-        if config.eval_episodes:
-            row |= self.evaluate(episodes=config.eval_episodes)
         return row
 
     def evaluate(self, episodes: int = 10, seed: int | None = None) -> dict[str, float]:
@@ -486,6 +499,3 @@ class OffPolicyLearner(Learner):
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         self.load_extra_evaluation_state(state["extra"])
-
-    def close(self) -> None:
-        self.train_envs.close()
