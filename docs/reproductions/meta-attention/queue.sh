@@ -29,12 +29,14 @@ jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   for s in 0 1 2; do for a in $TD3_FAMILY sac sac-matt; do
     echo "runs/matt-pendulum/$a-s$s $a 20 $PEND --seed $s"; done; done
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 30 $LUNAR --seed $s"; done; done
-  for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-bipedal/$a-s$s $a 25 $BIPEDAL --seed $s"; done; done
+  # (BipedalWalker's 50k stage, 25 iterations seed by seed, ran here until 2026-12-04; those records, made while the
+  # training envs were kept across iterations, are now records/matt-bipedal-kept-envs, and BipedalWalker is trained
+  # again from scratch, with the envs made anew each iteration, in the stages below)
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 100 $LUNAR --seed $s"; done; done
   # the meta nets without the authors' weight decay, under which they decay to zero (ONLY=matt-lunar-live)
   for s in 0 1 2; do for a in td3-matt td3-mc; do echo "runs/matt-lunar-live/$a-s$s $a 100 $LIVE --seed $s"; done; done
-  # BipedalWalker to 100k, TD3 and TD3-MATT over the seeds first (a 2000-step iteration takes TD3 25-35 s and
-  # TD3-MATT 45-60 s of one core with both cores busy: 100k is 25 and 45 min a run)
+  # BipedalWalker to 100k, learner by learner, TD3 and TD3-MATT over the seeds first (a 2000-step iteration
+  # takes TD3 25-35 s and TD3-MATT 45-60 s of one core with both cores busy: 100k is 25 and 45 min a run)
   for a in $TD3_FAMILY; do for s in 0 1 2; do echo "runs/matt-bipedal/$a-s$s $a 50 $BIPEDAL --seed $s"; done; done
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 200 $LUNAR --seed $s"; done; done
   for s in 0 1 2; do for a in td3-matt td3-mc; do echo "runs/matt-lunar-live/$a-s$s $a 200 $LIVE --seed $s"; done; done
