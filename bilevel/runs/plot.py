@@ -70,9 +70,20 @@ def group_by_config(folders: list[RunFolder]) -> dict[str, list[RunFolder]]:
     return dict(groups)
 
 
+def student_t_quantile(probability: float, dof: np.ndarray) -> np.ndarray:
+    """The ``probability`` quantile of Student's t with ``dof`` degrees of freedom (``scipy.stats.t``)."""
+    try:
+        from scipy import stats
+    except ImportError:
+        raise ValueError("seed bands need scipy: pip install 'bilevel[plot]'") from None
+    return stats.t.ppf(probability, dof)
+
+
 def seed_band(curves: list[tuple[list[float], list[float]]], points: int = 100):
-    """Mean and 95% normal-approximation band (1.96 standard errors) of curves interpolated onto a
-    shared x grid over the union of their ranges.
+    """Mean and 95% confidence band of the mean of curves interpolated onto a shared x grid over the
+    union of their ranges: ``mean +- t_{0.975, n-1} * s / sqrt(n)`` with ``s`` the sample standard
+    deviation of the ``n`` curves at a point and ``t`` Student's quantile (4.30 for three seeds, where
+    the normal 1.96 would cover about 81%).
 
     At each grid point the mean and the band are over the curves whose range covers it, so a run that
     is still training (or stopped early) counts up to its last point and no further, and does not cut
@@ -90,7 +101,7 @@ def seed_band(curves: list[tuple[list[float], list[float]]], points: int = 100):
     squares = np.where(covered, (values - mean) ** 2, 0.0).sum(0)
     several = count > 1
     std = np.sqrt(np.divide(squares, count - 1, out=np.zeros_like(mean), where=several))
-    half_width = np.where(several, 1.96 * std / np.sqrt(count), 0.0)
+    half_width = np.where(several, student_t_quantile(0.975, np.maximum(count - 1, 1)) * std / np.sqrt(count), 0.0)
     return grid, mean, mean - half_width, mean + half_width, count
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from scipy import stats
 
 from bilevel import cli
 from bilevel.runs import Learner, RunConfig, RunFolder, derive_seed, register, train
@@ -247,6 +248,20 @@ def test_seed_band_covers_every_run_and_averages_the_runs_present(lengths, point
         present = [np.interp(g, x, y) for x, y in curves if x[0] <= g <= x[-1]]
         assert count[j] == len(present)
         assert mean[j] == pytest.approx(np.mean(present))
-        half = 1.96 * np.std(present, ddof=1) / np.sqrt(len(present)) if len(present) > 1 else 0.0
-        assert high[j] - mean[j] == pytest.approx(half, abs=1e-9)
-        assert mean[j] - low[j] == pytest.approx(half, abs=1e-9)
+        assert high[j] - mean[j] == pytest.approx(mean[j] - low[j], abs=1e-9)
+        if len(present) > 1:
+            studentised = (high[j] - mean[j]) / (np.std(present, ddof=1) / np.sqrt(len(present)))
+            assert stats.t.cdf(studentised, len(present) - 1) == pytest.approx(0.975)
+        else:
+            assert high[j] == low[j] == mean[j]
+
+
+@pytest.mark.parametrize("seeds", [2, 3, 5])
+def test_seed_band_covers_the_true_mean_95_percent_of_the_time(seeds):
+    rng = np.random.default_rng(seeds)
+    trials, covered = 4000, 0
+    for _ in range(trials):
+        values = rng.normal(1.0, 2.0, size=seeds)
+        _, _, low, high, _ = seed_band([([0.0, 1.0], [v, v]) for v in values], points=2)
+        covered += bool(low[0] <= 1.0 <= high[0])
+    assert abs(covered / trials - 0.95) < 4 * np.sqrt(0.95 * 0.05 / trials)
