@@ -26,7 +26,7 @@ BIPEDAL="--env BipedalWalker-v3 --steps-per-iteration 2000 --learning-starts 100
 TD3_FAMILY="td3 td3-matt td3-matt-dt td3-mc"
 
 jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
-  for s in 0 1 2; do for a in $TD3_FAMILY sac sac-matt; do
+  for s in 0 1 2; do for a in $TD3_FAMILY sac sac-matt sac-matt-dt; do
     echo "runs/matt-pendulum/$a-s$s $a 20 $PEND --seed $s"; done; done
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 30 $LUNAR --seed $s"; done; done
   # (BipedalWalker's 50k stage, 25 iterations seed by seed, ran here until 2026-12-04; those records, made while the
