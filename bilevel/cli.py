@@ -227,7 +227,7 @@ def _sweep(argv: list[str]) -> int:
 
 
 def _report(argv: list[str]) -> int:
-    from bilevel.runs.report import regenerate
+    from bilevel.runs.report import figure_conflicts, regenerate
 
     parser = argparse.ArgumentParser(
         prog="bilevel report",
@@ -236,6 +236,14 @@ def _report(argv: list[str]) -> int:
     )
     parser.add_argument("reports", type=Path, nargs="+")
     args = parser.parse_args(argv)
+    try:
+        conflicts = figure_conflicts(args.reports)
+    except OSError as error:
+        print(f"bilevel report: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if conflicts:
+        print("bilevel report: " + "\n".join(conflicts), file=sys.stderr)
+        return EXIT_BAD_INPUT
     return _each_path("report", args.reports, lambda report: f"{report}: {regenerate(report)} blocks regenerated")
 
 

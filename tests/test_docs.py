@@ -15,3 +15,11 @@ def test_mkdocs_build_strict(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "api" / "index.html").read_text().count("unroll") > 3
+
+
+def test_no_figure_is_drawn_by_two_report_blocks_from_different_runs():
+    from bilevel.runs.report import figure_conflicts
+
+    root = Path(__file__).parents[1]
+    reports = [*sorted((root / "docs").rglob("*.md")), root / "README.md"]
+    assert figure_conflicts(reports) == []

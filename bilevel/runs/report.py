@@ -17,7 +17,9 @@ Folder arguments are paths or glob patterns relative to the working directory; a
 folder stands for its trials. ``out`` is relative to the report's own folder; ``xmax=N`` cuts the
 curves, and the rows a summary averages, at ``x <= N`` (runs that continued past the budget a
 report describes; ``x`` defaults to ``env_steps`` in both).
-``bilevel report FILE...`` rewrites each file atomically.
+``bilevel report FILE...`` rewrites each file atomically, after checking that no figure is drawn by two
+curves blocks that name different folders or options (`figure_conflicts`): the later block would
+overwrite the earlier one's figure.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 from bilevel.runs.folder import atomic_write_text
 from bilevel.runs.sweep import expand_sweeps, summary_markdown, summary_rows
 
-__all__ = ["regenerate"]
+__all__ = ["figure_conflicts", "regenerate"]
 
 _BLOCK = re.compile(r"(<!-- bilevel:(summary|curves) (.*?) -->\n)(.*?)(<!-- bilevel:end -->)", re.DOTALL)
 
@@ -76,6 +78,35 @@ def _curves(folders: list[Path], options: dict[str, str], report: Path, where: s
     y, x = options.get("y", "return"), options.get("x", "env_steps")
     plot_curves(folders, report.parent / options["out"], x=x, y=y, x_max=_x_max(options, where))
     return f"![{y} against {x}]({options['out']})\n"
+
+
+def figure_conflicts(reports: list[str | Path]) -> list[str]:
+    """Figures that two curves blocks of ``reports`` write from different arguments.
+
+    Blocks are compared by their figure path (``out`` resolved against the report's folder) and, for
+    the same figure, by their folder patterns and options; nothing is read from the folders. Returns
+    one message per clashing pair, naming both blocks by ``file:line``; empty when every figure has one
+    definition."""
+    drawn: dict[Path, tuple[str, tuple[str, ...]]] = {}
+    conflicts = []
+    for report in map(Path, reports):
+        text = report.read_text()
+        for match in _BLOCK.finditer(text):
+            _, kind, arguments, _, _ = match.groups()
+            if kind != "curves":
+                continue
+            words = arguments.split()
+            outs = [w.partition("=")[2] for w in words if w.startswith("out=")]
+            if not outs:
+                continue
+            where = f"{report}:{text.count(chr(10), 0, match.start()) + 1}"
+            figure = (report.parent / outs[-1]).resolve()
+            definition = tuple(sorted(w for w in words if not w.startswith("out=")))
+            first = drawn.setdefault(figure, (where, definition))
+            if first[1] != definition:
+                conflicts.append(f"{where} and {first[0]} both draw {outs[-1]} from different arguments: "
+                                 f"{' '.join(definition)!r} against {' '.join(first[1])!r}")
+    return conflicts
 
 
 def regenerate(report: str | Path) -> int:

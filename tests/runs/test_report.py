@@ -198,3 +198,23 @@ def test_archiving_a_run_behind_its_record_is_refused_unless_allowed(runs, capsy
     assert (runs / "records" / "lr0.1-s0" / "metrics.csv").read_text() == full
     assert cli.main(["archive", str(run.path), "--to", "records", "--allow-shorter"]) == 0
     assert RunFolder(runs / "records" / "lr0.1-s0").read_metrics() == run.read_metrics()
+
+
+def test_two_blocks_drawing_one_figure_from_different_runs_are_refused_before_anything_is_written(runs):
+    from bilevel import cli
+    from bilevel.runs.report import figure_conflicts
+
+    (runs / "docs" / "sub").mkdir(parents=True)
+    first, second = runs / "docs" / "a.md", runs / "docs" / "sub" / "b.md"
+    first.write_text("<!-- bilevel:curves runs/lr0.1-* out=figs/r.png -->\nold\n<!-- bilevel:end -->\n")
+    same = "intro\n<!-- bilevel:curves runs/lr0.1-* out=../figs/r.png -->\nold\n<!-- bilevel:end -->\n"
+    second.write_text(same)
+    assert figure_conflicts([first, second]) == [], "the same figure from the same arguments is no clash"
+
+    clash = same.replace("runs/lr0.1-*", "runs/lr0.5-* xmax=200")
+    second.write_text(clash)
+    [message] = figure_conflicts([first, second])
+    assert "b.md:2" in message and "a.md:1" in message and "lr0.5" in message and "lr0.1" in message
+    assert cli.main(["report", str(first), str(second)]) == 2
+    assert first.read_text().endswith("old\n<!-- bilevel:end -->\n") and second.read_text() == clash
+    assert not (runs / "docs" / "figs" / "r.png").exists()
