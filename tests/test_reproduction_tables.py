@@ -1,0 +1,53 @@
+"""``docs/reproductions/meta-attention/table.py``, which computes the MATT report's tables from the run
+records: per-seed values, mean ± standard error over seeds, the threshold crossing and the budget cut."""
+
+import csv
+import importlib.util
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def load_table_module():
+    spec = importlib.util.spec_from_file_location("matt_table", ROOT / "docs/reproductions/meta-attention/table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(folder: Path, returns: list[float]) -> None:
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["iteration", "env_steps", "return", "seconds"])
+        writer.writeheader()
+        for i, value in enumerate(returns, 1):
+            writer.writerow({"iteration": i, "env_steps": 1000 * i, "return": value, "seconds": 2.0})
+
+
+def test_learner_rows_are_mean_and_standard_error_of_the_per_seed_values_within_the_budget(tmp_path, capsys):
+    table = load_table_module()
+    seeds = {0: [-300.0, -200.0, -100.0, -90.0, -80.0, -70.0, -60.0, 500.0],
+             1: [-400.0, -300.0, -260.0, -240.0, -100.0, -50.0, -40.0, 500.0],
+             2: [-350.0, -240.0, -230.0, -220.0, -210.0, -200.0, -190.0]}
+    for seed, returns in seeds.items():
+        write_run(tmp_path / "records" / f"td3-s{seed}", returns)
+    out = tmp_path / "all.csv"
+    table.main(str(tmp_path / "records"), str(out), -250.0, 7000)
+    printed = capsys.readouterr().out
+
+    runs = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in printed.splitlines() if line.startswith("| td3-s")}
+    assert [runs[f"td3-s{s}"][5] for s in range(3)] == ["2000", "4000", "2000"], "first env steps at >= -250"
+    assert all(runs[f"td3-s{s}"][1] == "7000" and runs[f"td3-s{s}"][7] == "14" for s in range(3))
+
+    last5 = [statistics.mean(seeds[s][2:7]) for s in range(3)]
+    learner_row = next(line for line in printed.splitlines() if line.startswith("| td3 |"))
+    mean, error = (float(x) for x in learner_row.split("|")[4].split("±"))
+    assert mean == pytest.approx(statistics.mean(last5), abs=0.05)
+    assert error == pytest.approx(statistics.stdev(last5) / 3**0.5, abs=0.05)
+    with open(out) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 21 and max(int(r["env_steps"]) for r in rows) == 7000, "the 500s past the budget are cut"
