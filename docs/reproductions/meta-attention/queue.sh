@@ -8,7 +8,9 @@
 # is archived from runs/GROUP/RUN to docs/reproductions/records/GROUP/RUN, which the report's
 # figures are drawn from. A job whose record already reached its target is done, so a fresh checkout
 # (no runs/) does not train the finished stages again; a run whose checkpoint was lost starts again
-# from scratch. ONLY=REGEX keeps the jobs whose run folder matches (ONLY=matt-bipedal: that stage).
+# from scratch. ONLY=REGEX keeps the jobs whose run folder matches (ONLY=matt-bipedal: that stage;
+# ONLY='matt-pendulum|matt-bipedal|matt-lunar/', running since 2026-12-05: LunarLander's 300k stage with the
+# authors' weight decay, then BipedalWalker's 200k, leaving out the live-net LunarLander runs).
 set -u
 # bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane
 [ -n "${LANE_SCRIPT:-}" ] || { copy=$(mktemp); cp "$0" "$copy"; LANE_SCRIPT=$0 exec bash "$copy" "$@"; }
