@@ -111,9 +111,13 @@ def figure_conflicts(reports: list[str | Path]) -> list[str]:
 
 def regenerate(report: str | Path) -> int:
     """Rewrite every generated block of ``report`` from the folders it names; returns the
-    number of blocks. A block naming no folder, or folders without the metric, raises
-    ``ValueError`` with the block's line number, and the file is left unchanged."""
+    number of blocks. A block naming no folder, or folders without the metric, or two blocks drawing one
+    figure from different arguments, raise ``ValueError`` with the block's line number, and the file is
+    left unchanged."""
     path = Path(report)
+    conflicts = figure_conflicts([path])
+    if conflicts:
+        raise ValueError("; ".join(conflicts))
     text = path.read_text()
     count = 0
 

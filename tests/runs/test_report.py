@@ -218,3 +218,13 @@ def test_two_blocks_drawing_one_figure_from_different_runs_are_refused_before_an
     assert cli.main(["report", str(first), str(second)]) == 2
     assert first.read_text().endswith("old\n<!-- bilevel:end -->\n") and second.read_text() == clash
     assert not (runs / "docs" / "figs" / "r.png").exists()
+
+
+def test_one_report_drawing_one_figure_twice_differently_is_refused(runs):
+    report = runs / "report.md"
+    original = ("<!-- bilevel:curves runs/lr0.1-* out=r.png -->\n<!-- bilevel:end -->\n"
+                "<!-- bilevel:curves runs/lr0.5-* out=r.png -->\n<!-- bilevel:end -->\n")
+    report.write_text(original)
+    with pytest.raises(ValueError, match=r"report\.md:3 and .*report\.md:1 both draw r\.png"):
+        regenerate(report)
+    assert report.read_text() == original and not (runs / "r.png").exists()
