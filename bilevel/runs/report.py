@@ -80,6 +80,11 @@ def _curves(folders: list[Path], options: dict[str, str], report: Path, where: s
     return f"![{y} against {x}]({options['out']})\n"
 
 
+def _location(report: Path, text: str, match: re.Match[str]) -> str:
+    """``file:line`` of the block ``match`` found in ``text``, lines counted from 1."""
+    return f"{report}:{text.count(chr(10), 0, match.start()) + 1}"
+
+
 def figure_conflicts(reports: list[str | Path]) -> list[str]:
     """Figures that two curves blocks of ``reports`` write from different arguments.
 
@@ -99,7 +104,7 @@ def figure_conflicts(reports: list[str | Path]) -> list[str]:
             outs = [w.partition("=")[2] for w in words if w.startswith("out=")]
             if not outs:
                 continue
-            where = f"{report}:{text.count(chr(10), 0, match.start()) + 1}"
+            where = _location(report, text, match)
             figure = (report.parent / outs[-1]).resolve()
             definition = tuple(sorted(w for w in words if not w.startswith("out=")))
             first = drawn.setdefault(figure, (where, definition))
@@ -124,7 +129,7 @@ def regenerate(report: str | Path) -> int:
     def rewrite(match: re.Match[str]) -> str:
         nonlocal count
         head, kind, arguments, _, tail = match.groups()
-        where = f"{path}:{text.count(chr(10), 0, match.start()) + 1}"
+        where = _location(path, text, match)
         folders, options = _parse(arguments, where)
         body = _summary(folders, options, where) if kind == "summary" else _curves(folders, options, path, where)
         count += 1
