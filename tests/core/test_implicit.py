@@ -197,6 +197,8 @@ def test_no_warning_when_converged():
     with warnings.catch_warnings():
         warnings.simplefilter("error", LinearSolveWarning)
         ridge({"w": torch.zeros(3, dtype=DTYPE)}, X, y, lam)["w"].sum().backward()
+    assert ridge.diagnostics.converged is True
+    assert lam.grad is not None and torch.isfinite(lam.grad)
 
 
 def test_bad_solver_is_named():
