@@ -10,7 +10,8 @@
 # (no runs/) does not train the finished stages again; a run whose checkpoint was lost starts again
 # from scratch. ONLY=REGEX keeps the jobs whose run folder matches (ONLY=matt-bipedal: that stage;
 # ONLY='matt-pendulum|matt-bipedal|matt-lunar/', running since 2026-12-05: LunarLander's 300k stage with the
-# authors' weight decay, then BipedalWalker's 200k, leaving out the live-net LunarLander runs).
+# authors' weight decay, then BipedalWalker's 200k, leaving out the live-net LunarLander runs; the DDPG family on
+# Pendulum, added on 2026-12-05, comes first).
 set -u
 # bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane
 [ -n "${LANE_SCRIPT:-}" ] || { copy=$(mktemp); cp "$0" "$copy"; LANE_SCRIPT=$0 exec bash "$copy" "$@"; }
@@ -29,6 +30,9 @@ TD3_FAMILY="td3 td3-matt td3-matt-dt td3-mc"
 
 jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   for s in 0 1 2; do for a in $TD3_FAMILY sac sac-matt sac-matt-dt; do
+    echo "runs/matt-pendulum/$a-s$s $a 20 $PEND --seed $s"; done; done
+  # the DDPG family on Pendulum (the paper's Figure 3 learners), added 2026-12-05
+  for s in 0 1 2; do for a in ddpg ddpg-matt ddpg-matt-dt ddpg-mc; do
     echo "runs/matt-pendulum/$a-s$s $a 20 $PEND --seed $s"; done; done
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-lunar/$a-s$s $a 30 $LUNAR --seed $s"; done; done
   # (BipedalWalker's 50k stage, 25 iterations seed by seed, ran here until 2026-12-04; those records, made while the
