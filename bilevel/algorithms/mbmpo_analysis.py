@@ -174,17 +174,11 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path, *, x_max: float 
       the largest alpha among the runs with a checkpoint or an evaluation state (records archived since
       2026-12-03 hold one), the first such run of each.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("plotting needs matplotlib: pip install 'bilevel[plot]'") from None
     from bilevel.runs.folder import RunFolder, final_mean
     from bilevel.runs.loop import load_learner
-    from bilevel.runs.plot import seeds_label
+    from bilevel.runs.plot import pyplot, save_figure, seeds_label
 
+    plt = pyplot()
     folders = [RunFolder(d) for d in run_dirs]
     by_alpha: dict[float, list[RunFolder]] = {}
     for folder in folders:
@@ -210,10 +204,7 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path, *, x_max: float 
         ax.set_xlabel("alpha")
         ax.set_title(key)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    written.append(out_dir / "alpha_sweep.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save_figure(fig, out_dir / "alpha_sweep.png"))
 
     curves: dict[str, dict[float, list[tuple[list[float], list[float]]]]] = {}
     for alpha in alphas:
@@ -236,10 +227,7 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path, *, x_max: float 
             ax.set_ylabel("return")
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(out_dir / "adaptation.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(save_figure(fig, out_dir / "adaptation.png"))
 
     with_policy = {a: [f for f in by_alpha[a] if f.checkpoint_path.exists() or f.evaluation_state_path.exists()]
                    for a in alphas}
@@ -260,7 +248,5 @@ def plot_mbmpo(run_dirs: list[str | Path], out_dir: str | Path, *, x_max: float 
         ax.set_xlabel("state dim (normalised)")
         ax.set_ylabel("action dim")
     fig.colorbar(image, ax=axes[0].tolist())
-    written.append(out_dir / "jacobian_heatmap.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save_figure(fig, out_dir / "jacobian_heatmap.png", tight_layout=False))
     return written

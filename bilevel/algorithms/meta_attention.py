@@ -406,26 +406,15 @@ for _name, _base in (("ddpg", DDPG), ("td3", TD3), ("sac", SAC)):
     make_variant(f"{_name}-matt-dt", MetaAttention, MetaAttentionConfig, _base, dance_twice=True)
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("plotting needs matplotlib: pip install 'bilevel[plot]'") from None
-    return plt
-
-
 def plot_q_gap(run_dirs: list[Path], out_dir: Path, *, x_max: float | None = None) -> list[Path]:
     """``ALGORITHM_q_gap.png``: the evaluation metric ``q_attention_minus_vanilla`` against ``env_steps``
     (up to ``x_max`` where given), mean and 95% band over the seeds of each config group of ``run_dirs``
     (all one algorithm)."""
     from bilevel.runs.folder import RunFolder, metric_series
-    from bilevel.runs.plot import group_by_config, seed_band, seeds_label
+    from bilevel.runs.plot import group_by_config, pyplot, save_figure, seed_band, seeds_label
 
     folders = [RunFolder(d) for d in run_dirs]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, group in group_by_config(folders).items():
         curves = [metric_series(f.read_metrics(), "env_steps", "q_attention_minus_vanilla", x_max) for f in group]
@@ -441,12 +430,7 @@ def plot_q_gap(run_dirs: list[Path], out_dir: Path, *, x_max: float | None = Non
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     algorithm = folders[0].read_config()[0]
-    out = Path(out_dir) / f"{algorithm}_q_gap.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return [out]
+    return [save_figure(fig, Path(out_dir) / f"{algorithm}_q_gap.png")]
 
 
 def embed_2d(points: Tensor, seed: int = 0) -> tuple[Tensor, str]:
@@ -475,6 +459,7 @@ def plot_feature_embeddings(run_dirs: list[Path], out_dir: Path, stages: int = 5
     embedding of the actor features (blue) and the attention features (red) of those states (right)."""
     from bilevel.runs.folder import RunFolder
     from bilevel.runs.loop import ANALYSIS_DIR
+    from bilevel.runs.plot import pyplot, save_figure
 
     for run in run_dirs:
         files = sorted((Path(run) / ANALYSIS_DIR).glob("iteration-*.pt"))
@@ -483,7 +468,7 @@ def plot_feature_embeddings(run_dirs: list[Path], out_dir: Path, stages: int = 5
     else:
         return []
     picks = sorted({round(i * (len(files) - 1) / max(1, stages - 1)) for i in range(min(stages, len(files)))})
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(picks), 2, figsize=(9, 2.8 * len(picks)), squeeze=False)
     for row, index in zip(axes, picks, strict=True):
         data = torch.load(files[index], map_location="cpu", weights_only=True)
@@ -501,9 +486,4 @@ def plot_feature_embeddings(run_dirs: list[Path], out_dir: Path, stages: int = 5
     axes[-1][0].set_xlabel("evaluation step (episode 0)")
     algorithm = RunFolder(run).read_config()[0]
     fig.suptitle(f"{algorithm}: {Path(run).name}", fontsize=9)
-    out = Path(out_dir) / f"{algorithm}_tsne.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return [out]
+    return [save_figure(fig, Path(out_dir) / f"{algorithm}_tsne.png", dpi=110)]

@@ -6,16 +6,43 @@ import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bilevel.runs.folder import RunFolder, metric_series
 from bilevel.runs.learner import get_algorithm
 
-__all__ = ["group_by_config", "plot_curves", "seed_band", "seeds_label"]
+__all__ = ["group_by_config", "plot_curves", "pyplot", "save_figure", "seed_band", "seeds_label"]
 
 
 IGNORED_IN_LABELS = ("seed", "device", "checkpoint_every", "iterations")
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend; a clear error where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install 'bilevel[plot]'") from None
+    return plt
+
+
+def save_figure(
+    fig: Any, out: str | Path, *, dpi: int = 120, tight_layout: bool = True, **savefig_options: Any
+) -> Path:
+    """Write ``fig`` to ``out`` (its folder made where missing), laid out tight unless ``tight_layout`` is
+    false (a figure made with ``layout="constrained"``), and close it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if tight_layout:
+        fig.tight_layout()
+    fig.savefig(out, dpi=dpi, **savefig_options)
+    pyplot().close(fig)
+    return out
 
 
 def short_number(value: float) -> str:
@@ -110,15 +137,8 @@ def plot_curves(
 ) -> Path:
     """Draw ``y`` against ``x`` (up to ``x_max`` where given) for every config group of ``run_dirs`` into
     ``out`` (PNG)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("plotting needs matplotlib: pip install 'bilevel[plot]'") from None
     folders = [RunFolder(d) for d in run_dirs]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for label, group in group_by_config(folders).items():
         curves = [metric_series(f.read_metrics(), x, y, x_max) for f in group]
         if x_max is not None and not any(xs for xs, _ in curves):
@@ -131,9 +151,4 @@ def plot_curves(
     ax.set_ylabel(y)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, bbox_inches="tight")
