@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Keep the run folders outside the work tree, which a fresh checkout lays anew (a long run's checkpoints
-# then survive it): runs/ becomes a link to $BILEVEL_RUNS_HOME (default ~/.local/share/bilevel/runs).
+# then survive it on the same machine; a new machine starts without them, so what must outlive it is the
+# record that `bilevel archive` commits): runs/ becomes a link to $BILEVEL_RUNS_HOME (default
+# ~/.local/share/bilevel/runs).
 # A real runs/ folder is moved there first (one rename on the same file system, so runs writing into it
 # go on); where both hold a folder, the script stops and names it. Idempotent.
 set -euo pipefail
