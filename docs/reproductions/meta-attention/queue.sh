@@ -13,8 +13,10 @@
 # authors' weight decay, then BipedalWalker's 200k, leaving out the live-net LunarLander runs; the DDPG family on
 # Pendulum, added on 2026-12-05, comes first).
 set -u
-# bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane
-[ -n "${LANE_SCRIPT:-}" ] || { copy=$(mktemp); cp "$0" "$copy"; LANE_SCRIPT=$0 exec bash "$copy" "$@"; }
+# bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane.
+# The copy's name ends in queue.sh, so `pkill -f queue.sh` stops the workers (then kill the `bilevel train` process
+# groups; a run loses the iterations since its last checkpoint), and no worker starts a stopped run again.
+[ -n "${LANE_SCRIPT:-}" ] || { copy=$(mktemp --suffix=.queue.sh); cp "$0" "$copy"; LANE_SCRIPT=$0 exec bash "$copy" "$@"; }
 cd "$(git -C "$(dirname "$LANE_SCRIPT")" rev-parse --show-toplevel)"
 WORKERS=${1:-1}
 SNAP=runs/matt-code
