@@ -11,7 +11,7 @@
 # from scratch. ONLY=REGEX keeps the jobs whose run folder matches (ONLY=matt-bipedal: that stage;
 # ONLY='matt-pendulum|matt-bipedal|matt-lunar/', running since 2026-12-05: LunarLander's 300k stage with the
 # authors' weight decay, then BipedalWalker's 200k, leaving out the live-net LunarLander runs; the DDPG family on
-# Pendulum, added on 2026-12-05, comes first; BipedalWalker's 300k stage was added on 2026-12-06).
+# Pendulum, added on 2026-12-05, comes first; BipedalWalker's 300k, 400k and 500k stages were added on 2026-12-06).
 set -u
 # bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane.
 # The copy's name ends in queue.sh, so `pkill -f queue.sh` stops the workers (then kill the `bilevel train` process
@@ -57,6 +57,10 @@ jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   for a in $TD3_FAMILY; do for s in 0 1 2; do echo "runs/matt-bipedal/$a-s$s $a 100 $BIPEDAL --seed $s"; done; done
   # and to 300k (2026-12-06), seed by seed, so that an interrupted stage leaves whole seeds of every learner
   for s in 0 1 2; do for a in $TD3_FAMILY; do echo "runs/matt-bipedal/$a-s$s $a 150 $BIPEDAL --seed $s"; done; done
+  # then to 500k, RL Zoo's first BipedalWalker number, in two stages (400k, 500k) seed by seed; each stage is about
+  # 1.5 h on two cores of the 2026-12-06 machine, so it spans sittings, continued from the checkpoints in runs/
+  for t in 200 250; do for s in 0 1 2; do for a in $TD3_FAMILY; do
+    echo "runs/matt-bipedal/$a-s$s $a $t $BIPEDAL --seed $s"; done; done; done
 }
 
 last_iteration() {  # the last iteration in FOLDER/metrics.csv, 0 without one
