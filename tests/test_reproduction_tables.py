@@ -51,3 +51,26 @@ def test_learner_rows_are_mean_and_standard_error_of_the_per_seed_values_within_
     with open(out) as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 21 and max(int(r["env_steps"]) for r in rows) == 7000, "the 500s past the budget are cut"
+
+
+def test_stage_columns_count_only_the_evaluations_after_the_window_start(tmp_path, capsys):
+    table = load_table_module()
+    seeds = {0: [-100.0, 250.0, 150.0, 210.0, 300.0, 900.0], 1: [300.0, -50.0, 190.0, 200.0, -20.0, 900.0]}
+    for seed, returns in seeds.items():
+        write_run(tmp_path / "records" / f"td3-s{seed}", returns)
+    table.main(str(tmp_path / "records"), str(tmp_path / "all.csv"), 0.0, 5000, 2000, 200.0)
+    printed = capsys.readouterr().out
+
+    header = next(line for line in printed.splitlines() if line.startswith("| run |"))
+    assert "mean 3k-5k" in header and "evaluations >= 200 after 2k" in header
+    runs = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in printed.splitlines() if line.startswith("| td3-s")}
+    window_means = [statistics.mean(seeds[s][2:5]) for s in range(2)]
+    assert [runs[f"td3-s{s}"][4] for s in range(2)] == [str(round(m)) for m in window_means]
+    assert [runs[f"td3-s{s}"][7] for s in range(2)] == ["2", "1"], "returns >= 200 among evaluations 3k-5k"
+    learner_row = next(line for line in printed.splitlines() if line.startswith("| td3 |"))
+    mean, error = (float(x) for x in learner_row.split("|")[5].split("±"))
+    assert mean == pytest.approx(statistics.mean(window_means), abs=0.05)
+    assert error == pytest.approx(statistics.stdev(window_means) / 2**0.5, abs=0.05)
+    with pytest.raises(ValueError, match="AFTER=5000"):
+        table.main(str(tmp_path / "records"), str(tmp_path / "all.csv"), 0.0, 5000, 5000)

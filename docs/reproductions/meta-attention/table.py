@@ -1,12 +1,15 @@
 """Tables and one combined CSV of the MATT runs in a folder (issue 6).
 
-    python docs/reproductions/meta-attention/table.py runs/matt-lunar OUT.csv [THRESHOLD [MAX_ENV_STEPS]]
+    python docs/reproductions/meta-attention/table.py runs/matt-lunar OUT.csv [THRESHOLD [MAX_ENV_STEPS [AFTER [GOOD]]]]
 
 Prints one row per run (final return, mean of the last 5 evaluations, best, the first env steps at
 which the return reached THRESHOLD (default -250), the last Q(att) - Q(van), wall seconds), then
 one row per learner: the mean and standard error over its seeds (runs named LEARNER-sSEED) of the
 per-seed values. Writes every run's per-iteration metrics into the CSV. MAX_ENV_STEPS keeps the
 evaluations up to that many env steps, so a stage's table stands when some runs have gone further.
+AFTER gives the stage tables of the BipedalWalker section instead: per run the mean of the evaluations
+after AFTER env steps and how many of them reached GOOD (default 200) in place of the Q gap, and per
+learner that mean too.
 """
 
 import csv
@@ -26,7 +29,8 @@ def mean_and_error(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) / len(values) ** 0.5:.1f}"
 
 
-def main(folder: str, out: str, threshold: float, max_env_steps: float = float("inf")) -> None:
+def main(folder: str, out: str, threshold: float, max_env_steps: float = float("inf"),
+         after: float | None = None, good: float = 200.0) -> None:
     rows_out, table, by_learner = [], [], defaultdict(list)
     for path in sorted(glob.glob(f"{folder}/*/metrics.csv")):
         run = path.split("/")[-2]
@@ -40,26 +44,48 @@ def main(folder: str, out: str, threshold: float, max_env_steps: float = float("
         gap = rows[-1].get("q_attention_minus_vanilla") or "-"
         gap = f"{float(gap):+.3f}" if gap != "-" else gap
         last5 = statistics.mean(returns[-5:])
-        table.append((run, rows[-1]["env_steps"], round(returns[-1]), round(last5), round(max(returns)), hit, gap,
-                      round(sum(float(r["seconds"]) for r in rows))))
-        by_learner[run.rsplit("-s", 1)[0]].append((int(rows[-1]["env_steps"]), last5, returns[-1], max(returns)))
+        wall = round(sum(float(r["seconds"]) for r in rows))
+        key = run.rsplit("-s", 1)[0]
+        if after is None:
+            table.append((run, rows[-1]["env_steps"], round(returns[-1]), round(last5), round(max(returns)), hit, gap,
+                          wall))
+            by_learner[key].append((int(rows[-1]["env_steps"]), last5, returns[-1], max(returns)))
+            continue
+        window = [value for r, value in zip(rows, returns, strict=True) if int(r["env_steps"]) > after]
+        if not window:
+            raise ValueError(f"{run!r} has no evaluation after AFTER={after:g} env steps")
+        window_mean = statistics.mean(window)
+        table.append((run, rows[-1]["env_steps"], round(returns[-1]), round(last5), round(window_mean),
+                      round(max(returns)), hit, sum(value >= good for value in window), wall))
+        by_learner[key].append((int(rows[-1]["env_steps"]), last5, window_mean, returns[-1], max(returns)))
     with open(out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["run", *KEEP])
         writer.writeheader()
         writer.writerows(rows_out)
-    print(f"| run | env steps | final return | mean of last 5 evaluations | best return "
-          f"| first env steps with return >= {threshold:g} | final Q(att) - Q(van) | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+    if after is None:
+        run_columns = ["final return", "mean of last 5 evaluations", "best return",
+                       f"first env steps with return >= {threshold:g}", "final Q(att) - Q(van)", "wall s"]
+        learner_columns = ["mean of last 5 evaluations", "final return", "best return"]
+    else:
+        since = (f"{after / 1000 + 1:g}k-{max_env_steps / 1000:g}k" if max_env_steps < float("inf")
+                 else f"after {after:g}")
+        run_columns = ["final return", "mean of last 5 evaluations", f"mean {since}", "best return",
+                       f"first env steps with return >= {threshold:g}",
+                       f"evaluations >= {good:g} after {after / 1000:g}k", "wall s"]
+        learner_columns = ["mean of last 5 evaluations", f"mean {since}", "final return", "best return"]
+    print("| run | env steps | " + " | ".join(run_columns) + " |")
+    print("|---" * (len(run_columns) + 2) + "|")
     for row in table:
         print("| " + " | ".join(map(str, row)) + " |")
-    print("\n| learner | seeds | env steps | mean of last 5 evaluations | final return | best return |")
-    print("|---|---|---|---|---|---|")
+    print("\n| learner | seeds | env steps | " + " | ".join(learner_columns) + " |")
+    print("|---" * (len(learner_columns) + 3) + "|")
     for learner, seeds in by_learner.items():
         steps = sorted({s[0] for s in seeds})
         print(f"| {learner} | {len(seeds)} | {'/'.join(map(str, steps))} | "
-              + " | ".join(mean_and_error([s[i] for s in seeds]) for i in (1, 2, 3)) + " |")
+              + " | ".join(mean_and_error([s[i] for s in seeds]) for i in range(1, len(learner_columns) + 1)) + " |")
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else -250.0,
-         float(sys.argv[4]) if len(sys.argv) > 4 else float("inf"))
+         float(sys.argv[4]) if len(sys.argv) > 4 else float("inf"),
+         float(sys.argv[5]) if len(sys.argv) > 5 else None, float(sys.argv[6]) if len(sys.argv) > 6 else 200.0)
