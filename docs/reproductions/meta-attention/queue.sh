@@ -11,7 +11,7 @@
 # from scratch. ONLY=REGEX keeps the jobs whose run folder matches (ONLY=matt-bipedal: that stage;
 # ONLY='matt-pendulum|matt-bipedal|matt-lunar/', running since 2026-12-05: LunarLander's 300k stage with the
 # authors' weight decay, then BipedalWalker's 200k, leaving out the live-net LunarLander runs; the DDPG family on
-# Pendulum, added on 2026-12-05, comes first; BipedalWalker's 300k, 400k and 500k stages were added on 2026-12-06).
+# Pendulum, added on 2026-12-05, comes first; BipedalWalker's 300k, 400k and 500k stages were added on 2026-12-06, then its seed 3).
 set -u
 # bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane.
 # The copy's name ends in queue.sh, so `pkill -f queue.sh` stops the workers (then kill the `bilevel train` process
@@ -61,6 +61,10 @@ jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   # 1.5 h on two cores of the 2026-12-06 machine, so it spans sittings, continued from the checkpoints in runs/
   for t in 200 250; do for s in 0 1 2; do for a in $TD3_FAMILY; do
     echo "runs/matt-bipedal/$a-s$s $a $t $BIPEDAL --seed $s"; done; done; done
+  # a fourth seed of all four learners (2026-12-06, second sitting), stage by stage to 500k so that a sitting that
+  # ends early leaves all four at one budget; the slow learners first so that the two cores finish together
+  for t in 100 150 200 250; do for a in td3-matt-dt td3-matt td3-mc td3; do
+    echo "runs/matt-bipedal/$a-s3 $a $t $BIPEDAL --seed 3"; done; done
 }
 
 last_iteration() {  # the last iteration in FOLDER/metrics.csv, 0 without one
