@@ -74,3 +74,14 @@ def test_stage_columns_count_only_the_evaluations_after_the_window_start(tmp_pat
     assert error == pytest.approx(statistics.stdev(window_means) / 2**0.5, abs=0.05)
     with pytest.raises(ValueError, match="AFTER=5000"):
         table.main(str(tmp_path / "records"), str(tmp_path / "all.csv"), 0.0, 5000, 5000)
+
+
+def test_a_folder_pattern_keeps_only_the_runs_it_matches(tmp_path, capsys):
+    table = load_table_module()
+    for seed in range(4):
+        write_run(tmp_path / "records" / f"td3-s{seed}", [100.0 * seed] * 5)
+    table.main(str(tmp_path / "records" / "*-s[0-2]"), str(tmp_path / "all.csv"), -250.0)
+    printed = capsys.readouterr().out
+    learner_row = next(line for line in printed.splitlines() if line.startswith("| td3 |"))
+    assert learner_row.split("|")[2].strip() == "3" and "td3-s3" not in printed
+    assert float(learner_row.split("|")[4].split("±")[0]) == pytest.approx(100.0)

@@ -9,7 +9,8 @@ per-seed values. Writes every run's per-iteration metrics into the CSV. MAX_ENV_
 evaluations up to that many env steps, so a stage's table stands when some runs have gone further.
 AFTER gives the stage tables of the BipedalWalker section instead: per run the mean of the evaluations
 after AFTER env steps and how many of them reached GOOD (default 200) in place of the Q gap, and per
-learner that mean too.
+learner that mean too. A FOLDER with a glob pattern names the run folders themselves
+(`'docs/reproductions/records/matt-bipedal/*-s[0-2]'`: seeds 0-2 only, the BipedalWalker stages as first reported).
 """
 
 import csv
@@ -32,7 +33,8 @@ def mean_and_error(values: list[float]) -> str:
 def main(folder: str, out: str, threshold: float, max_env_steps: float = float("inf"),
          after: float | None = None, good: float = 200.0) -> None:
     rows_out, table, by_learner = [], [], defaultdict(list)
-    for path in sorted(glob.glob(f"{folder}/*/metrics.csv")):
+    runs = folder if glob.has_magic(folder) else f"{folder}/*"
+    for path in sorted(glob.glob(f"{runs}/metrics.csv")):
         run = path.split("/")[-2]
         with open(path) as handle:
             rows = [r for r in csv.DictReader(handle) if int(r["env_steps"]) <= max_env_steps]
