@@ -85,3 +85,19 @@ def test_a_folder_pattern_keeps_only_the_runs_it_matches(tmp_path, capsys):
     learner_row = next(line for line in printed.splitlines() if line.startswith("| td3 |"))
     assert learner_row.split("|")[2].strip() == "3" and "td3-s3" not in printed
     assert float(learner_row.split("|")[4].split("±")[0]) == pytest.approx(100.0)
+
+
+def test_welch_t_of_each_learner_against_its_base_on_the_last_five(tmp_path, capsys):
+    table = load_table_module()
+    last5 = {"td3": [10.0, 30.0, 20.0], "td3-matt": [50.0, 80.0, 65.0, 45.0], "td3-mc": [0.0]}
+    for learner, values in last5.items():
+        for seed, value in enumerate(values):
+            write_run(tmp_path / "records" / f"{learner}-s{seed}", [value] * 6)
+    table.main(str(tmp_path / "records"), str(tmp_path / "all.csv"), -250.0)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| td3-m")]
+    compared = [row for row in rows if row.split("|")[2].strip() == "td3"]
+    assert len(compared) == 1, "td3-mc has one seed, so it is not compared"
+    matt, base = last5["td3-matt"], last5["td3"]
+    t = (statistics.mean(matt) - statistics.mean(base)) / (
+        statistics.variance(matt) / len(matt) + statistics.variance(base) / len(base)) ** 0.5
+    assert float(compared[0].split("|")[3].split("(")[0]) == pytest.approx(t, abs=0.005)

@@ -9,8 +9,10 @@ per-seed values. Writes every run's per-iteration metrics into the CSV. MAX_ENV_
 evaluations up to that many env steps, so a stage's table stands when some runs have gone further.
 AFTER gives the stage tables of the BipedalWalker section instead: per run the mean of the evaluations
 after AFTER env steps and how many of them reached GOOD (default 200) in place of the Q gap, and per
-learner that mean too. A FOLDER with a glob pattern names the run folders themselves
-(`'docs/reproductions/records/matt-bipedal/*-s[0-2]'`: seeds 0-2 only, the BipedalWalker stages as first reported).
+learner that mean too. A last table gives Welch's t and its two-sided p of each learner against its base
+learner (td3-matt against td3: the name's first part) on those means, where both have two seeds or more.
+A FOLDER with a glob pattern names the run folders themselves (`'docs/reproductions/records/matt-bipedal/*-s[0-2]'`:
+seeds 0-2 only, the BipedalWalker stages as first reported).
 """
 
 import csv
@@ -85,6 +87,24 @@ def main(folder: str, out: str, threshold: float, max_env_steps: float = float("
         steps = sorted({s[0] for s in seeds})
         print(f"| {learner} | {len(seeds)} | {'/'.join(map(str, steps))} | "
               + " | ".join(mean_and_error([s[i] for s in seeds]) for i in range(1, len(learner_columns) + 1)) + " |")
+    compared = learner_columns[:2] if after is not None else learner_columns[:1]
+    against_base = [(learner, learner.split("-")[0]) for learner in by_learner
+                    if learner.split("-")[0] != learner and len(by_learner.get(learner.split("-")[0], [])) > 1
+                    and len(by_learner[learner]) > 1]
+    if against_base:
+        print("\n| learner | against | " + " | ".join(f"Welch t (two-sided p), {c}" for c in compared) + " |")
+        print("|---" * (len(compared) + 2) + "|")
+    for learner, base in against_base:
+        cells = [welch(by_learner[learner], by_learner[base], i) for i in range(1, len(compared) + 1)]
+        print(f"| {learner} | {base} | " + " | ".join(cells) + " |")
+
+
+def welch(seeds: list[tuple], base_seeds: list[tuple], column: int) -> str:
+    """Welch's t of one learner's per-seed values against its base learner's, with the two-sided p."""
+    from scipy.stats import ttest_ind
+
+    test = ttest_ind([s[column] for s in seeds], [s[column] for s in base_seeds], equal_var=False)
+    return f"{test.statistic:.2f} ({test.pvalue:.2f})"
 
 
 if __name__ == "__main__":
