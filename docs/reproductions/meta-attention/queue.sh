@@ -11,7 +11,8 @@
 # from scratch. ONLY=REGEX keeps the jobs whose run folder matches (ONLY=matt-bipedal: that stage;
 # ONLY='matt-pendulum|matt-bipedal|matt-lunar/', running since 2026-12-05: LunarLander's 300k stage with the
 # authors' weight decay, then BipedalWalker's 200k, leaving out the live-net LunarLander runs; the DDPG family on
-# Pendulum, added on 2026-12-05, comes first; BipedalWalker's 300k, 400k and 500k stages were added on 2026-12-06, then its seed 3).
+# Pendulum, added on 2026-12-05, comes first; BipedalWalker's 300k, 400k and 500k stages were added on 2026-12-06, then its seed 3;
+# ONLY='matt-lunar/.*-s[34]': LunarLander's seeds 3 and 4).
 set -u
 # bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane.
 # The copy's name ends in queue.sh, so `pkill -f queue.sh` stops the workers (then kill the `bilevel train` process
@@ -65,6 +66,11 @@ jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   # ends early leaves all four at one budget; the slow learners first so that the two cores finish together
   for t in 100 150 200 250; do for a in td3-matt-dt td3-matt td3-mc td3; do
     echo "runs/matt-bipedal/$a-s3 $a $t $BIPEDAL --seed 3"; done; done
+  # LunarLander seeds 3 and 4 of TD3 and TD3-MATT to 300k (2026-12-06, third sitting): three seeds left TD3-MATT's
+  # steadier landing at Welch t = 2.0; then TD3-MATT-DT's. Stage by stage, the slower learner first
+  for t in 100 200 300; do for a in td3-matt td3; do for s in 3 4; do
+    echo "runs/matt-lunar/$a-s$s $a $t $LUNAR --seed $s"; done; done; done
+  for t in 100 200 300; do for s in 3 4; do echo "runs/matt-lunar/td3-matt-dt-s$s td3-matt-dt $t $LUNAR --seed $s"; done; done
 }
 
 last_iteration() {  # the last iteration in FOLDER/metrics.csv, 0 without one
