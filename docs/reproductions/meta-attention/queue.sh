@@ -67,10 +67,11 @@ jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   for t in 100 150 200 250; do for a in td3-matt-dt td3-matt td3-mc td3; do
     echo "runs/matt-bipedal/$a-s3 $a $t $BIPEDAL --seed 3"; done; done
   # LunarLander seeds 3 and 4 of TD3 and TD3-MATT to 300k (2026-12-06, third sitting): three seeds left TD3-MATT's
-  # steadier landing at Welch t = 2.0; then TD3-MATT-DT's. Stage by stage, the slower learner first
+  # steadier landing at Welch t = 2.0; then TD3-MATT-DT's and TD3-MC's. Stage by stage, the slower learner first
   for t in 100 200 300; do for a in td3-matt td3; do for s in 3 4; do
     echo "runs/matt-lunar/$a-s$s $a $t $LUNAR --seed $s"; done; done; done
   for t in 100 200 300; do for s in 3 4; do echo "runs/matt-lunar/td3-matt-dt-s$s td3-matt-dt $t $LUNAR --seed $s"; done; done
+  for t in 100 200 300; do for s in 3 4; do echo "runs/matt-lunar/td3-mc-s$s td3-mc $t $LUNAR --seed $s"; done; done
 }
 
 last_iteration() {  # the last iteration in FOLDER/metrics.csv, 0 without one
