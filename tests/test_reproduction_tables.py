@@ -101,3 +101,19 @@ def test_welch_t_of_each_learner_against_its_base_on_the_last_five(tmp_path, cap
     t = (statistics.mean(matt) - statistics.mean(base)) / (
         statistics.variance(matt) / len(matt) + statistics.variance(base) / len(base)) ** 0.5
     assert float(compared[0].split("|")[3].split("(")[0]) == pytest.approx(t, abs=0.005)
+
+
+def test_mann_whitney_u_counts_the_pairs_a_learner_wins_with_the_exact_p(tmp_path, capsys):
+    table = load_table_module()
+    last5 = {"td3": [10.0, 30.0, -500.0], "td3-matt": [50.0, 80.0, 65.0, 20.0]}
+    for learner, values in last5.items():
+        for seed, value in enumerate(values):
+            write_run(tmp_path / "records" / f"{learner}-s{seed}", [value] * 6)
+    table.main(str(tmp_path / "records"), str(tmp_path / "all.csv"), -250.0)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| td3-matt | td3 |"))
+    u_cell = row.split("|")[4].strip()
+    wins = sum(m > b for m in last5["td3-matt"] for b in last5["td3"])
+    assert wins == 11
+    assert u_cell.startswith(f"{wins} of 12 ")
+    # of the C(7, 3) = 35 equally likely rankings, U >= 11 has two (11, 12) and U <= 1 two more
+    assert float(u_cell.split("(")[1].rstrip(")")) == pytest.approx(4 / 35, abs=0.0005)

@@ -9,8 +9,9 @@ per-seed values. Writes every run's per-iteration metrics into the CSV. MAX_ENV_
 evaluations up to that many env steps, so a stage's table stands when some runs have gone further.
 AFTER gives the stage tables of the BipedalWalker section instead: per run the mean of the evaluations
 after AFTER env steps and how many of them reached GOOD (default 200) in place of the Q gap, and per
-learner that mean too. A last table gives Welch's t and its two-sided p of each learner against its base
-learner (td3-matt against td3: the name's first part) on those means, where both have two seeds or more.
+learner that mean too. A last table gives Welch's t and the Mann-Whitney U, each with its two-sided p, of each learner
+against its base learner (td3-matt against td3: the name's first part) on those means, where both have two
+seeds or more.
 A FOLDER with a glob pattern names the run folders themselves (`'docs/reproductions/records/matt-bipedal/*-s[0-2]'`:
 seeds 0-2 only, the BipedalWalker stages as first reported).
 """
@@ -92,10 +93,13 @@ def main(folder: str, out: str, threshold: float, max_env_steps: float = float("
                     if learner.split("-")[0] != learner and len(by_learner.get(learner.split("-")[0], [])) > 1
                     and len(by_learner[learner]) > 1]
     if against_base:
-        print("\n| learner | against | " + " | ".join(f"Welch t (two-sided p), {c}" for c in compared) + " |")
-        print("|---" * (len(compared) + 2) + "|")
+        print("\n| learner | against | " + " | ".join(f"Welch t (two-sided p), {c}" for c in compared) + " | "
+              + " | ".join(f"Mann-Whitney U of n m (two-sided p), {c}" for c in compared) + " |")
+        print("|---" * (2 * len(compared) + 2) + "|")
     for learner, base in against_base:
-        cells = [welch(by_learner[learner], by_learner[base], i) for i in range(1, len(compared) + 1)]
+        columns = range(1, len(compared) + 1)
+        cells = [welch(by_learner[learner], by_learner[base], i) for i in columns]
+        cells += [rank_sum(by_learner[learner], by_learner[base], i) for i in columns]
         print(f"| {learner} | {base} | " + " | ".join(cells) + " |")
 
 
@@ -105,6 +109,18 @@ def welch(seeds: list[tuple], base_seeds: list[tuple], column: int) -> str:
 
     test = ttest_ind([s[column] for s in seeds], [s[column] for s in base_seeds], equal_var=False)
     return f"{test.statistic:.2f} ({test.pvalue:.2f})"
+
+
+def rank_sum(seeds: list[tuple], base_seeds: list[tuple], column: int) -> str:
+    """The Mann-Whitney U of one learner's per-seed values against its base learner's (the number of
+    (seed, base seed) pairs in which the learner's value is higher, ties counting one half) out of all
+    ``n m`` pairs, with the two-sided p (exact where there are no ties). Unlike Welch's t, one outlying
+    seed moves it by at most its own pairs."""
+    from scipy.stats import mannwhitneyu
+
+    values, base_values = [s[column] for s in seeds], [s[column] for s in base_seeds]
+    test = mannwhitneyu(values, base_values, alternative="two-sided")
+    return f"{test.statistic:g} of {len(values) * len(base_values)} ({test.pvalue:.3f})"
 
 
 if __name__ == "__main__":
