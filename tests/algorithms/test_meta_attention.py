@@ -324,3 +324,32 @@ def test_bilevel_plot_draws_the_q_gap_curve_and_feature_embeddings(tmp_path, cap
     for name in ("td3-matt_q_gap.png", "td3-matt_tsne.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 1000
         assert name in printed
+
+
+@pytest.mark.parametrize("base", ["td3", "ddpg"])
+def test_a_dead_attention_net_makes_the_actor_step_its_base_learners(float64, base):
+    """With the attention net's output layer at zero the scale is exactly 1, the attention action is the
+    vanilla action, and MATT's actor gradient is exactly twice its base learner's (the attention-action
+    loss is then the vanilla loss), which Adam's step normalises away up to its ``eps``: the reading of
+    the LunarLander runs whose attention nets decayed under the authors' weight decay."""
+    learner = build(f"{base}-matt", policy_frequency=1, steps_per_iteration=60, learning_starts=1000)
+    learner.step()
+    assert learner.updates == 0 and len(learner.buffer) == 60
+    reference = _build(base, make_config(base, {**TINY, "policy_frequency": 1}))
+    reference.actor.load_state_dict(learner.actor.state_dict())
+    reference.critic.load_state_dict(learner.critic.state_dict())
+    with torch.no_grad():
+        output_layer = [m for m in learner.meta_net.modules() if isinstance(m, torch.nn.Linear)][-1]
+        output_layer.weight.zero_()
+        output_layer.bias.zero_()
+    obs = learner.buffer.sample(32, learner.generator).obs
+    vanilla, attention, scale = learner.vanilla_and_attention_actions(obs)
+    assert torch.equal(scale, torch.ones_like(scale)) and torch.equal(vanilla, attention)
+
+    learner.actor_update(obs)
+    reference.actor_update(obs)
+    for (name, param), expected in zip(learner.actor.named_parameters(), reference.actor.parameters(), strict=True):
+        assert torch.allclose(param.grad, 2 * expected.grad, rtol=1e-12, atol=1e-15), name
+        assert torch.allclose(param, expected, rtol=0, atol=1e-3 * learner.config.actor_lr), name
+    assert any(not torch.equal(p, q) for p, q in zip(learner.actor.parameters(), reference.actor.parameters(),
+                                                      strict=True))
