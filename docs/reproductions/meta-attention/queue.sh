@@ -13,7 +13,7 @@
 # authors' weight decay, then BipedalWalker's 200k, leaving out the live-net LunarLander runs; the DDPG family on
 # Pendulum, added on 2026-12-05, comes first; BipedalWalker's 300k, 400k and 500k stages were added on 2026-12-06, then its seed 3;
 # ONLY='matt-lunar/.*-s[34]': LunarLander's seeds 3 and 4; ONLY='matt-lunar/td3(-matt)?-s[5-9]': seeds 5-9 of TD3
-# and TD3-MATT).
+# and TD3-MATT; ONLY='matt-lunar-live/td3-matt-s[3-6]': live-net TD3-MATT seeds 3-6 to 300k).
 set -u
 # bash reads a script while it runs it, so this one runs from a private copy: editing the file cannot change a lane.
 # The copy's name ends in queue.sh, so `pkill -f queue.sh` stops the workers (then kill the `bilevel train` process
@@ -78,6 +78,9 @@ jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   # a sitting that ends early leaves whole pairs at 300k; stage by stage within a seed, so each stage is archived
   for s in 5 6 7 8 9; do for t in 100 200 300; do for a in td3-matt td3; do
     echo "runs/matt-lunar/$a-s$s $a $t $LUNAR --seed $s"; done; done; done
+  # TD3-MATT with a live attention net (no weight decay on it) to 300k, new seeds 3-6 (2026-12-06, fifth sitting): with
+  # the authors' decay the net dies and TD3-MATT is TD3 (ten seeds); seeds 0-2 of the live runs stopped at 200k
+  for s in 3 4 5 6; do for t in 100 200 300; do echo "runs/matt-lunar-live/td3-matt-s$s td3-matt $t $LIVE --seed $s"; done; done
 }
 
 last_iteration() {  # the last iteration in FOLDER/metrics.csv, 0 without one
