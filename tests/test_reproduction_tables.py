@@ -117,3 +117,22 @@ def test_mann_whitney_u_counts_the_pairs_a_learner_wins_with_the_exact_p(tmp_pat
     assert u_cell.startswith(f"{wins} of 12 ")
     # of the C(7, 3) = 35 equally likely rankings, U >= 11 has two (11, 12) and U <= 1 two more
     assert float(u_cell.split("(")[1].rstrip(")")) == pytest.approx(4 / 35, abs=0.0005)
+
+
+def test_runs_of_several_folders_are_told_apart_and_compared_with_the_one_base_learner(tmp_path, capsys):
+    table = load_table_module()
+    last5 = {("decayed", "td3"): [10.0, 30.0, 20.0], ("decayed", "td3-matt"): [15.0, 25.0],
+             ("live", "td3-matt"): [50.0, 80.0, 65.0]}
+    for (folder, learner), values in last5.items():
+        for seed, value in enumerate(values):
+            write_run(tmp_path / folder / f"{learner}-s{seed}", [value] * 6)
+    table.main(f"{tmp_path / 'decayed'},{tmp_path / 'live' / '*-s[0-9]'}", str(tmp_path / "all.csv"), -250.0)
+    lines = capsys.readouterr().out.splitlines()
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| td3")]
+    learners = {row[0]: row for row in cells if row[1].isdigit() and not row[0][-1].isdigit()}
+    assert set(learners) == {"td3 (decayed)", "td3-matt (decayed)", "td3-matt (live)"}
+    assert float(learners["td3-matt (live)"][3].split("±")[0]) == pytest.approx(65.0)
+    compared = {row[0]: row[1] for row in cells if row[1].startswith("td3")}
+    assert compared == {"td3-matt (decayed)": "td3 (decayed)", "td3-matt (live)": "td3 (decayed)"}
+    with open(tmp_path / "all.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 6 * 8

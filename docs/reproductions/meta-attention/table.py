@@ -13,7 +13,9 @@ learner that mean too. A last table gives Welch's t and the Mann-Whitney U, each
 against its base learner (td3-matt against td3: the name's first part) on those means, where both have two
 seeds or more.
 A FOLDER with a glob pattern names the run folders themselves (`'docs/reproductions/records/matt-bipedal/*-s[0-2]'`:
-seeds 0-2 only, the BipedalWalker stages as first reported).
+seeds 0-2 only, the BipedalWalker stages as first reported). Several patterns joined by commas may name runs of
+several folders; a learner is then named with its folder (`td3-matt (matt-lunar-live)`), and compared with the base
+learner of its own folder, or else with the one base learner of that name.
 """
 
 import csv
@@ -36,8 +38,10 @@ def mean_and_error(values: list[float]) -> str:
 def main(folder: str, out: str, threshold: float, max_env_steps: float = float("inf"),
          after: float | None = None, good: float = 200.0) -> None:
     rows_out, table, by_learner = [], [], defaultdict(list)
-    runs = folder if glob.has_magic(folder) else f"{folder}/*"
-    for path in sorted(glob.glob(f"{runs}/metrics.csv")):
+    patterns = [pattern if glob.has_magic(pattern) else f"{pattern}/*" for pattern in folder.split(",")]
+    paths = sorted({path for pattern in patterns for path in glob.glob(f"{pattern}/metrics.csv")})
+    several_folders = len({path.split("/")[-3] for path in paths}) > 1
+    for path in paths:
         run = path.split("/")[-2]
         with open(path) as handle:
             rows = [r for r in csv.DictReader(handle) if int(r["env_steps"]) <= max_env_steps]
@@ -50,7 +54,7 @@ def main(folder: str, out: str, threshold: float, max_env_steps: float = float("
         gap = f"{float(gap):+.3f}" if gap != "-" else gap
         last5 = statistics.mean(returns[-5:])
         wall = round(sum(float(r["seconds"]) for r in rows))
-        key = run.rsplit("-s", 1)[0]
+        key = (run.rsplit("-s", 1)[0], path.split("/")[-3] if several_folders else "")
         if after is None:
             table.append((run, rows[-1]["env_steps"], round(returns[-1]), round(last5), round(max(returns)), hit, gap,
                           wall))
@@ -86,12 +90,11 @@ def main(folder: str, out: str, threshold: float, max_env_steps: float = float("
     print("|---" * (len(learner_columns) + 3) + "|")
     for learner, seeds in by_learner.items():
         steps = sorted({s[0] for s in seeds})
-        print(f"| {learner} | {len(seeds)} | {'/'.join(map(str, steps))} | "
+        print(f"| {label(learner)} | {len(seeds)} | {'/'.join(map(str, steps))} | "
               + " | ".join(mean_and_error([s[i] for s in seeds]) for i in range(1, len(learner_columns) + 1)) + " |")
     compared = learner_columns[:2] if after is not None else learner_columns[:1]
-    against_base = [(learner, learner.split("-")[0]) for learner in by_learner
-                    if learner.split("-")[0] != learner and len(by_learner.get(learner.split("-")[0], [])) > 1
-                    and len(by_learner[learner]) > 1]
+    against_base = [(learner, base) for learner in by_learner if (base := base_learner(learner, by_learner))
+                    and len(by_learner[base]) > 1 and len(by_learner[learner]) > 1]
     if against_base:
         print("\n| learner | against | " + " | ".join(f"Welch t (two-sided p), {c}" for c in compared) + " | "
               + " | ".join(f"Mann-Whitney U of n m (two-sided p), {c}" for c in compared) + " |")
@@ -100,7 +103,26 @@ def main(folder: str, out: str, threshold: float, max_env_steps: float = float("
         columns = range(1, len(compared) + 1)
         cells = [welch(by_learner[learner], by_learner[base], i) for i in columns]
         cells += [rank_sum(by_learner[learner], by_learner[base], i) for i in columns]
-        print(f"| {learner} | {base} | " + " | ".join(cells) + " |")
+        print(f"| {label(learner)} | {label(base)} | " + " | ".join(cells) + " |")
+
+
+def label(learner: tuple[str, str]) -> str:
+    """A learner's name, with its folder when the runs come from several."""
+    name, folder = learner
+    return f"{name} ({folder})" if folder else name
+
+
+def base_learner(learner: tuple[str, str], by_learner: dict) -> tuple[str, str] | None:
+    """The learner ``td3`` for ``td3-matt``: in the same folder, or else the only one of that name; None for a base
+    learner itself or where there is none."""
+    name, folder = learner
+    base_name = name.split("-")[0]
+    if base_name == name:
+        return None
+    if (base_name, folder) in by_learner:
+        return base_name, folder
+    candidates = [other for other in by_learner if other[0] == base_name]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def welch(seeds: list[tuple], base_seeds: list[tuple], column: int) -> str:
