@@ -136,3 +136,21 @@ def test_runs_of_several_folders_are_told_apart_and_compared_with_the_one_base_l
     assert compared == {"td3-matt (decayed)": "td3 (decayed)", "td3-matt (live)": "td3 (decayed)"}
     with open(tmp_path / "all.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 6 * 8
+
+
+def test_the_landing_is_held_from_the_last_of_the_first_five_evaluations_averaging_good(tmp_path, capsys):
+    table = load_table_module()
+    runs = {"td3-s0": [0.0, 250.0, 250.0, 250.0, 100.0, 150.0, 300.0, 300.0],  # first five-mean >= 200 ends at 6k
+            "td3-s1": [0.0] * 8,  # never
+            "td3-matt-s0": [300.0, 300.0, 300.0, 300.0, 300.0, 0.0, 0.0, 0.0],  # 5k
+            "td3-matt-s1": [0.0, 0.0, 200.0, 200.0, 200.0, 200.0, 200.0, 0.0]}  # 7k
+    for run, returns in runs.items():
+        write_run(tmp_path / "records" / run, returns)
+    table.main(str(tmp_path / "records"), str(tmp_path / "all.csv"), 0.0, 8000, 0, 200.0)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in capsys.readouterr().out.splitlines() if "k /" in line}
+    assert rows["td3"][2:5] == ["6k / never", "never", "-"]
+    assert rows["td3-matt"][2:4] == ["5k / 7k", "6k"]
+    # pairs in which td3-matt lands earlier: 5k beats 6k and never, 7k beats never; p exact over C(4, 2) = 6 orders
+    assert rows["td3-matt"][4].startswith("3 of 4 ")
+    assert table.first_held([{"env_steps": 1000 * i} for i in range(1, 5)], [300.0] * 4, 200.0) == float("inf")

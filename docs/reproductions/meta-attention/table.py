@@ -9,9 +9,11 @@ per-seed values. Writes every run's per-iteration metrics into the CSV. MAX_ENV_
 evaluations up to that many env steps, so a stage's table stands when some runs have gone further.
 AFTER gives the stage tables of the BipedalWalker section instead: per run the mean of the evaluations
 after AFTER env steps and how many of them reached GOOD (default 200) in place of the Q gap, and per
-learner that mean too. A last table gives Welch's t and the Mann-Whitney U, each with its two-sided p, of each learner
+learner that mean too. A table gives Welch's t and the Mann-Whitney U, each with its two-sided p, of each learner
 against its base learner (td3-matt against td3: the name's first part) on those means, where both have two
-seeds or more.
+seeds or more. With AFTER, a last table gives per seed the first env steps from which five consecutive evaluations
+average GOOD or more (the landing held; "never" within the budget), their median, and the Mann-Whitney U on them
+against the base learner (a seed that never holds it counting as later than every one that does).
 A FOLDER with a glob pattern names the run folders themselves (`'docs/reproductions/records/matt-bipedal/*-s[0-2]'`:
 seeds 0-2 only, the BipedalWalker stages as first reported). Several patterns joined by commas may name runs of
 several folders; a learner is then named with its folder (`td3-matt (matt-lunar-live)`), and compared with the base
@@ -37,7 +39,7 @@ def mean_and_error(values: list[float]) -> str:
 
 def main(folder: str, out: str, threshold: float, max_env_steps: float = float("inf"),
          after: float | None = None, good: float = 200.0) -> None:
-    rows_out, table, by_learner = [], [], defaultdict(list)
+    rows_out, table, by_learner, held_from = [], [], defaultdict(list), defaultdict(list)
     patterns = [pattern if glob.has_magic(pattern) else f"{pattern}/*" for pattern in folder.split(",")]
     paths = sorted({path for pattern in patterns for path in glob.glob(f"{pattern}/metrics.csv")})
     several_folders = len({path.split("/")[-3] for path in paths}) > 1
@@ -64,6 +66,7 @@ def main(folder: str, out: str, threshold: float, max_env_steps: float = float("
         if not window:
             raise ValueError(f"{run!r} has no evaluation after AFTER={after:g} env steps")
         window_mean = statistics.mean(window)
+        held_from[key].append(first_held(rows, returns, good))
         table.append((run, rows[-1]["env_steps"], round(returns[-1]), round(last5), round(window_mean),
                       round(max(returns)), hit, sum(value >= good for value in window), wall))
         by_learner[key].append((int(rows[-1]["env_steps"]), last5, window_mean, returns[-1], max(returns)))
@@ -104,6 +107,39 @@ def main(folder: str, out: str, threshold: float, max_env_steps: float = float("
         cells = [welch(by_learner[learner], by_learner[base], i) for i in columns]
         cells += [rank_sum(by_learner[learner], by_learner[base], i) for i in columns]
         print(f"| {label(learner)} | {label(base)} | " + " | ".join(cells) + " |")
+    if after is not None:
+        print_held_from(held_from, good)
+
+
+def first_held(rows: list[dict], returns: list[float], good: float, window: int = 5) -> float:
+    """The env steps at the last of the first ``window`` consecutive evaluations whose mean is at least ``good``;
+    infinity where there are none."""
+    for start in range(len(returns) - window + 1):
+        if statistics.mean(returns[start:start + window]) >= good:
+            return float(rows[start + window - 1]["env_steps"])
+    return float("inf")
+
+
+def print_held_from(held_from: dict, good: float) -> None:
+    """Per learner, the env steps from which each seed holds the landing, their median, and the Mann-Whitney U of
+    how much earlier than the base learner's they are (pairs won out of ``n m``, with the two-sided p)."""
+    from scipy.stats import mannwhitneyu
+
+    print(f"\n| learner | seeds | held >= {good:g} from, per seed | median | Mann-Whitney U of n m (two-sided p), "
+          "earlier than the base learner |")
+    print("|---" * 5 + "|")
+    for learner, steps in held_from.items():
+        base = base_learner(learner, held_from)
+        test = "-"
+        if base and len(held_from[base]) > 1 and len(steps) > 1:
+            result = mannwhitneyu([-s for s in steps], [-s for s in held_from[base]], alternative="two-sided")
+            test = f"{result.statistic:g} of {len(steps) * len(held_from[base])} ({result.pvalue:.3f})"
+        cells = " / ".join(steps_text(s) for s in steps)
+        print(f"| {label(learner)} | {len(steps)} | {cells} | {steps_text(statistics.median(steps))} | {test} |")
+
+
+def steps_text(env_steps: float) -> str:
+    return "never" if env_steps == float("inf") else f"{env_steps / 1000:g}k"
 
 
 def label(learner: tuple[str, str]) -> str:
