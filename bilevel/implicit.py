@@ -66,7 +66,7 @@ def _unwrap(x: Tensor) -> Tensor:
 
 def _record(diagnostics: ImplicitDiagnostics, info: SolveInfo, rhs_norm: Tensor, name: str) -> None:
     try:
-        iterations, residual, converged, rhs_norm = (_unwrap(t) for t in (*info, rhs_norm))
+        iterations, residual, converged, rhs_norm = (_unwrap(t).detach() for t in (*info, rhs_norm))
     except RuntimeError:
         return
     diagnostics.iterations = int(iterations)
@@ -140,15 +140,26 @@ class _ImplicitRoot(torch.autograd.Function):
     def backward(ctx: Any, *solution_cotangent: Tensor) -> tuple[Tensor | None, ...]:
         problem: _Problem = ctx.problem
         leaves = ctx.saved_tensors
-        solution = problem.solution_tree(leaves[: problem.num_solution_leaves])
         meta_leaves = leaves[problem.num_solution_leaves :]
+        # The solution re-enters through the rule itself, so that a second derivative sees x*(theta):
+        # without it, differentiating this backward pass would hold x* fixed.
+        solution_leaves = _ImplicitRoot.apply(problem, *leaves[: problem.num_solution_leaves], *meta_leaves)
+        solution = problem.solution_tree(solution_leaves)
         cotangent = problem.solution_tree(solution_cotangent)
+        differentiable = [leaf for leaf, d in zip(meta_leaves, problem.differentiable, strict=True) if d]
 
-        meta_cotangent, info = implicit_vjp(
-            lambda x, *m: problem.optimality(x, m), solution, meta_leaves, cotangent, solve=problem.linear_solver
+        def optimality(x: Tree, *free: Tensor) -> Tree:
+            it = iter(free)
+            merged = tuple(next(it) if d else leaf for leaf, d in zip(meta_leaves, problem.differentiable, strict=True))
+            return problem.optimality(x, merged)
+
+        free_cotangent, info = implicit_vjp(
+            optimality, solution, differentiable, cotangent, solve=problem.linear_solver
         )
         _record(problem.diagnostics, info, tree.norm(cotangent), problem.name)
-        return (None,) + (None,) * problem.num_solution_leaves + tuple(meta_cotangent)
+        it = iter(free_cotangent)
+        meta_cotangent = tuple(next(it) if d else None for d in problem.differentiable)
+        return (None,) + (None,) * problem.num_solution_leaves + meta_cotangent
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,7 @@ class _Problem:
     meta_spec: Any
     meta_template: tuple[Any, ...]
     num_solution_leaves: int
+    differentiable: tuple[bool, ...]
 
     def solution_tree(self, leaves: tuple[Tensor, ...]) -> Tree:
         return optree.tree_unflatten(self.solution_spec, list(leaves))
@@ -193,7 +205,8 @@ def implicit_root(
         optimality_fn: ``F(solution, *meta_args) -> residual``, zero at the solution,
             the residual a tree shaped like the solution (for an inner minimisation,
             the gradient of the inner objective). ``solution`` and every meta
-            argument may be a tree; non-tensor meta arguments are constants.
+            argument may be a tree; non-tensor meta arguments and integer or boolean tensors (labels,
+            indices) are constants.
         solve: the linear solver of ``(dF/dx)^T u = -v``: ``"cg"`` (``dF/dx``
             symmetric positive definite), ``"minres"`` (symmetric, definite or not:
             the Hessian of a non-convex inner objective), ``"normal_cg"`` (any non-singular),
@@ -236,6 +249,7 @@ def implicit_root(
                 meta_spec=meta_spec,
                 meta_template=template,
                 num_solution_leaves=len(solution_leaves),
+                differentiable=tuple(leaf.is_floating_point() or leaf.is_complex() for leaf in tensor_leaves),
             )
             outputs = _ImplicitRoot.apply(problem, *solution_leaves, *tensor_leaves)
             return optree.tree_unflatten(solution_spec, list(outputs))

@@ -28,10 +28,10 @@ from torchopt.base import GradientTransformation
 
 from bilevel import tree
 from bilevel._checks import scalar_valued
-from bilevel.linalg import conjugate_gradient
+from bilevel.linalg import conjugate_gradient, known_all_false
 from bilevel.tree import Tree
 
-__all__ = ["adam", "known_all_false", "meta_sgd", "newton_cg", "unroll"]
+__all__ = ["adam", "meta_sgd", "newton_cg", "unroll"]
 
 
 def unroll(
@@ -117,17 +117,22 @@ def meta_sgd(lrs: float | Tensor | Tree) -> GradientTransformation:
 
     ``lrs`` is a scalar, a 0-dim tensor, or a tree shaped like the parameters
     (one rate per parameter entry); gradients flow to every tensor in it."""
+    scalar = isinstance(lrs, (float, int)) or (isinstance(lrs, Tensor) and lrs.ndim == 0)
+    if isinstance(lrs, Tensor) and not scalar:
+        raise ValueError(
+            f"`lrs` as a single tensor must be 0-dim; got shape {tuple(lrs.shape)} (give a tree shaped like "
+            "the parameters for per-entry rates)"
+        )
 
     def init(params: Tree) -> tuple[()]:
-        if isinstance(lrs, (float, int, Tensor)):
-            return ()
-        tree.check_same_structure(lrs, params, ("lrs", "params"))
+        if not scalar:
+            tree.check_same_structure(lrs, params, ("lrs", "params"))
         return ()
 
     def update(
         updates: Tree, state: tuple[()], *, params: Tree | None = None, inplace: bool = True
     ) -> tuple[Tree, tuple[()]]:
-        if isinstance(lrs, (float, int, Tensor)):
+        if scalar:
             return tree.scale(updates, -lrs), state
         return tree.map(lambda g, lr: -lr * g, updates, lrs), state
 
@@ -148,17 +153,6 @@ def adam(
     if not eps_root > 0:
         raise ValueError(f"`eps_root` must be > 0 for a differentiable Adam; got {eps_root}")
     return torchopt.adam(lr, betas=betas, eps=eps, eps_root=eps_root)
-
-
-def known_all_false(flag: Tensor) -> bool:
-    """Whether the 0-dim boolean ``flag`` is known to be False everywhere, for a masked loop to stop early:
-    never under ``vmap``, where it may differ per batch element; under ``grad`` and eagerly its value is
-    read."""
-    while _functorch.is_functorch_wrapped_tensor(flag):
-        if _functorch.is_batchedtensor(flag):
-            return False
-        flag = _functorch.get_unwrapped(flag)
-    return not bool(flag)
 
 
 def newton_cg(
@@ -211,6 +205,8 @@ def newton_cg(
             raise ValueError(f"`{name}` must be >= 0; got {value}")
     if not 0 < armijo < 1:
         raise ValueError(f"`armijo` must lie in (0, 1); got {armijo}")
+    if not tree.leaves(params):
+        raise ValueError("`params` has no tensor leaves: nothing to minimise")
     grad_fn = torch.func.grad(scalar_valued(loss, "loss"))
     first = tree.leaves(params)[0]
     mu = torch.full((), damping, dtype=first.dtype, device=first.device)

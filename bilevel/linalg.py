@@ -30,6 +30,7 @@ __all__ = [
     "gauss_newton_vector_operator",
     "hessian_vector_operator",
     "hvp",
+    "known_all_false",
     "make_solver",
     "minres",
     "neumann_series",
@@ -44,17 +45,29 @@ __all__ = [
 class SolveInfo(NamedTuple):
     """Diagnostics of a linear solve; all 0-dim tensors.
 
-    ``iterations`` counts the iterations that changed the solution,
-    ``residual_norm`` is ``||b - A x||`` at the returned ``x`` and
-    ``converged`` whether it met ``max(tol * ||b||, atol)``."""
+    ``iterations`` counts the iterations that changed the solution, ``residual_norm`` is the
+    residual the iteration tracks and ``converged`` whether it met ``max(tol * ||b||, atol)``.
+    For CG and MINRES the tracked residual is updated by recursion (CG's ``r - alpha A p``,
+    MINRES's ``phibar``): it equals ``||b - A x||`` in exact arithmetic, but in floating point the
+    true residual stalls near ``eps * cond(A) * ||b||`` while the recursion keeps falling. In float32
+    a ``tol`` below about ``1e-6 * cond(A)`` is therefore met by the recursion only; compute
+    ``||b - A x||`` yourself where the true value matters. The other solvers report the true
+    residual."""
 
     iterations: Tensor
     residual_norm: Tensor
     converged: Tensor
 
 
-def _outside_transforms() -> bool:
-    return _functorch.maybe_current_level() is None
+def known_all_false(flag: Tensor) -> bool:
+    """Whether the 0-dim boolean ``flag`` is known to be False everywhere, for a masked loop to stop early:
+    never under ``vmap``, where it may differ per batch element; under ``grad`` and eagerly its value is
+    read."""
+    while _functorch.is_functorch_wrapped_tensor(flag):
+        if _functorch.is_batchedtensor(flag):
+            return False
+        flag = _functorch.get_unwrapped(flag)
+    return not bool(flag)
 
 
 def _damped(matvec: MatVec, damping: float) -> MatVec:
@@ -63,13 +76,20 @@ def _damped(matvec: MatVec, damping: float) -> MatVec:
     return lambda v: tree.axpy(damping, v, matvec(v))
 
 
-def _check_common(max_iter: int | None, tol: float, damping: float) -> None:
-    if max_iter is not None and max_iter < 1:
-        raise ValueError(f"`max_iter` must be >= 1 or None; got {max_iter}")
+def _check_common(max_iter: int | None, tol: float, damping: float, atol: float = 0.0) -> None:
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
+        raise ValueError(f"`max_iter` must be an int >= 1 or None; got {max_iter!r}")
     if not tol >= 0:
         raise ValueError(f"`tol` must be >= 0; got {tol}")
+    if not atol >= 0:
+        raise ValueError(f"`atol` must be >= 0; got {atol}")
     if not damping >= 0:
         raise ValueError(f"`damping` must be >= 0; got {damping}")
+
+
+def _check_rhs(b: Tree) -> None:
+    if tree.numel(b) == 0:
+        raise ValueError("the right-hand side `b` has no entries: nothing to solve")
 
 
 def conjugate_gradient(
@@ -102,7 +122,8 @@ def conjugate_gradient(
     Returns:
         ``(x, SolveInfo)``.
     """
-    _check_common(max_iter, tol, damping)
+    _check_common(max_iter, tol, damping, atol)
+    _check_rhs(b)
     operator = _damped(matvec, damping)
     limit = 2 * tree.numel(b) + 10 if max_iter is None else max_iter
     b_norm_sq = tree.dot(b, b)
@@ -118,11 +139,10 @@ def conjugate_gradient(
     p = r
     rs = tree.dot(r, r)
     iterations = torch.zeros((), dtype=torch.long, device=rs.device)
-    eager = _outside_transforms()
 
     for _ in range(limit):
         active = rs > threshold_sq
-        if eager and not bool(active):
+        if known_all_false(active):
             break
         Ap = operator(p)
         pAp = tree.dot(p, Ap)
@@ -171,7 +191,8 @@ def minres(
         ``(x, SolveInfo)``; ``residual_norm`` is ``phibar``, ``||b - (A + damping I) x||`` in exact
         arithmetic.
     """
-    _check_common(max_iter, tol, damping)
+    _check_common(max_iter, tol, damping, atol)
+    _check_rhs(b)
     operator = _damped(matvec, damping)
     limit = 2 * tree.numel(b) + 10 if max_iter is None else max_iter
     beta1 = tree.norm(b)
@@ -187,11 +208,10 @@ def minres(
     beta, oldb, dbar, epsln, phibar = beta1, zero, zero, zero, beta1
     cs, sn = -torch.ones_like(beta1), zero
     iterations = torch.zeros((), dtype=torch.long, device=beta1.device)
-    eager = _outside_transforms()
 
     for k in range(limit):
         active = (phibar > threshold) & (beta > tiny)
-        if eager and not bool(active):
+        if known_all_false(active):
             break
         v = tree.scale(y, 1 / safe(beta))
         y_new = operator(v)
@@ -241,7 +261,12 @@ def neumann_series(
     Converges when the spectral radius of ``I - step_size A`` is below one (for
     symmetric positive-definite ``A``: ``step_size < 2 / lambda_max``); it needs
     no symmetry. The reported residual is ``||b - A x||`` at the end."""
+    if max_iter is None:
+        raise ValueError("`max_iter` of the Neumann series must be an int >= 1; got None")
     _check_common(max_iter, tol, damping)
+    if not step_size > 0:
+        raise ValueError(f"`step_size` must be > 0; got {step_size}")
+    _check_rhs(b)
     operator = _damped(matvec, damping)
     term = tree.scale(b, step_size)
     x = term
@@ -367,6 +392,10 @@ class LinearSolver:
     tol: float = 1e-10
     damping: float = 0.0
     step_size: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in _FACTORIES:
+            raise ValueError(f"`method` must be one of {sorted(_FACTORIES)}; got {self.method!r}")
 
     def __call__(self, matvec: MatVec, b: Tree, rmatvec: MatVec | None = None) -> tuple[Tree, SolveInfo]:
         if self.method == "cg":

@@ -63,7 +63,7 @@ def rademacher_probes(num_probes: int, like: Tensor, generator: torch.Generator 
 
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
-        return values.mean()
+        return values.mean() if values.numel() else values.sum()
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -93,9 +93,10 @@ def minimum_attention(
         dt: the control time step in seconds (``env.unwrapped.dt`` for MuJoCo).
         spatial_weight: ``alpha_x`` in ``total = alpha_x * spatial + alpha_t * temporal``.
         temporal_weight: ``alpha_t``.
-        valid: ``[T, ...]`` mask of real steps; a pair ``(t, t+1)`` counts in the
+        valid: ``[T, ...]`` bool mask of real steps; a pair ``(t, t+1)`` counts in the
             temporal term only when both are valid, so an episode boundary marked
-            by an invalid step is never differenced.
+            by an invalid step is never differenced. A term with no steps (or pairs,
+            when ``T = 1``) to average is 0.
         estimator: ``"exact"`` (``vmap(jacrev)``, cost ``act_dim`` backward passes)
             or ``"hutchinson"`` (``num_probes`` ``jvp`` probes, unbiased, cost
             independent of the dimensions).
@@ -114,6 +115,8 @@ def minimum_attention(
         raise ValueError(f"`estimator` must be 'exact' or 'hutchinson'; got {estimator!r}")
     if not (isinstance(num_probes, int) and num_probes >= 1):
         raise ValueError(f"`num_probes` must be an int >= 1; got {num_probes!r}")
+    if valid is not None and valid.dtype != torch.bool:
+        raise ValueError(f"`valid` must be a bool mask; got dtype {valid.dtype}")
     if valid is not None and valid.shape != states.shape[:-1]:
         raise ValueError(
             f"`valid` must have shape {tuple(states.shape[:-1])} (states without the last axis); "

@@ -125,6 +125,8 @@ def axpy(alpha: float | Tensor, x: Tree, y: Tree) -> Tree:
 
 def dot(a: Tree, b: Tree) -> Tensor:
     """The Euclidean inner product ``sum_i <a_i, b_i>`` over all leaves, a 0-dim tensor."""
+    if not leaves(a):
+        raise ValueError("`dot` of trees without tensor leaves has no device or dtype to take; got an empty tree")
     products = [torch.sum(x * y) for x, y in zip(leaves(a), leaves(b), strict=True)]
     return torch.stack(products).sum()
 
@@ -163,17 +165,21 @@ def numel(a: Tree) -> int:
 def ravel(a: Tree) -> tuple[Tensor, Callable[[Tensor], Tree]]:
     """Flatten ``a`` into one vector of shape ``[numel(a)]``.
 
-    Returns the vector and ``unravel``, which maps any vector of that length back
-    to a tree shaped like ``a``. Differentiable both ways."""
+    Returns the vector (in the leaves' promoted dtype) and ``unravel``, which maps any
+    vector of that length back to a tree shaped like ``a``, each leaf in its own dtype.
+    Differentiable both ways."""
     flat, spec = optree.tree_flatten(a)
     shapes = [x.shape for x in flat]
     sizes = [x.numel() for x in flat]
+    dtypes = [x.dtype for x in flat]
     vector = torch.cat([x.reshape(-1) for x in flat]) if flat else torch.zeros(0)
 
     def unravel(v: Tensor) -> Tree:
-        if v.shape[-1:] != (sum(sizes),):
-            raise ValueError(f"`v` must have {sum(sizes)} entries; got shape {tuple(v.shape)}")
+        if v.shape != (sum(sizes),):
+            raise ValueError(f"`v` must be a vector of {sum(sizes)} entries; got shape {tuple(v.shape)}")
         pieces = torch.split(v, sizes)
-        return optree.tree_unflatten(spec, [p.reshape(s) for p, s in zip(pieces, shapes, strict=True)])
+        return optree.tree_unflatten(
+            spec, [p.reshape(s).to(d) for p, s, d in zip(pieces, shapes, dtypes, strict=True)]
+        )
 
     return vector, unravel

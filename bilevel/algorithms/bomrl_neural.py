@@ -78,8 +78,8 @@ from torch.func import vmap
 from bilevel import tree
 from bilevel.algorithms.bomrl import DISTANCES
 from bilevel.implicit import implicit_root, implicit_vjp
-from bilevel.inner import adam, known_all_false, newton_cg, unroll
-from bilevel.linalg import SolveInfo
+from bilevel.inner import adam, newton_cg, unroll
+from bilevel.linalg import SolveInfo, known_all_false
 from bilevel.nets import gaussian_kl
 from bilevel.rl import importance_weighted_loss, masked_mean, reinforce_loss
 from bilevel.rl.meta_batches import (

@@ -210,3 +210,53 @@ def test_bad_solver_is_named():
         implicit_root(ridge_optimality, solve="cg", max_iter=0)
     with pytest.raises(TypeError, match="optimality_fn"):
         implicit_root(None)
+
+
+@pytest.mark.parametrize("solver", [{"solve": "cg", "tol": 1e-14}, {"solve": "dense"}])
+def test_second_derivatives_follow_the_solution(solver):
+    """Differentiating the backward pass again sees ``x*(lambda)``: the Hessian of the outer loss in
+    ``(lambda, y)`` by ``jacrev(jacrev)``, ``grad(grad)`` and autograd's double backward equals the closed
+    form's (float64)."""
+    X, y, target = ridge_data(4, 12, 3)
+    ridge = implicit_root(ridge_optimality, **solver)(
+        lambda init, X, y, lam: {"w": ridge_closed_form(X, y, lam)})
+    init = {"w": torch.zeros(3, dtype=DTYPE)}
+    lam = torch.tensor(0.7, dtype=DTYPE)
+
+    def ours(lam, y):
+        return outer_loss(ridge(init, X, y, lam)["w"], target)
+
+    def exact(lam, y):
+        return outer_loss(ridge_closed_form(X, y, lam), target)
+
+    for argnums in (0, 1):
+        hessian = torch.func.jacrev(torch.func.jacrev(ours, argnums=argnums), argnums=argnums)(lam, y)
+        reference = torch.func.jacrev(torch.func.jacrev(exact, argnums=argnums), argnums=argnums)(lam, y)
+        torch.testing.assert_close(hessian, reference, rtol=1e-8, atol=1e-12)
+    second = torch.func.grad(torch.func.grad(ours))(lam, y)
+    torch.testing.assert_close(second, torch.func.grad(torch.func.grad(exact))(lam, y), rtol=1e-8, atol=0)
+    leaf = lam.clone().requires_grad_()
+    (first,) = torch.autograd.grad(ours(leaf, y), leaf, create_graph=True)
+    (double,) = torch.autograd.grad(first, leaf)
+    torch.testing.assert_close(double, second, rtol=1e-10, atol=0)
+
+
+def test_integer_meta_arguments_are_constants():
+    """An integer tensor among the meta arguments (labels) gets no gradient and breaks nothing, under
+    ``grad`` and ``backward``."""
+    X, _, target = ridge_data(5, 10, 3)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 1])
+
+    def optimality(params, lam, labels):
+        return ridge_optimality(params, X, labels.to(DTYPE), lam)
+
+    ridge = implicit_root(optimality, tol=1e-13)(
+        lambda init, lam, labels: {"w": ridge_closed_form(X, labels.to(DTYPE), lam)})
+    init = {"w": torch.zeros(3, dtype=DTYPE)}
+    lam = torch.tensor(0.4, dtype=DTYPE)
+    exact = torch.func.grad(lambda l: outer_loss(ridge_closed_form(X, labels.to(DTYPE), l), target))(lam)
+    ours = torch.func.grad(lambda l: outer_loss(ridge(init, l, labels)["w"], target))(lam)
+    torch.testing.assert_close(ours, exact, rtol=1e-9, atol=0)
+    leaf = lam.clone().requires_grad_()
+    outer_loss(ridge(init, leaf, labels)["w"], target).backward()
+    torch.testing.assert_close(leaf.grad, exact, rtol=1e-9, atol=0)

@@ -181,6 +181,8 @@ def test_bad_input_is_named():
         unroll(lambda p: p["x"].sum(), params, torchopt.sgd(0.1), 1, gradient="tape")
     with pytest.raises(ValueError, match="lrs"):
         unroll(lambda p: p["x"].sum(), params, meta_sgd({"y": torch.ones(2)}), 1)
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        meta_sgd(torch.ones(2))
     with pytest.raises(ValueError, match="eps_root"):
         adam(0.1, eps_root=0.0)
 

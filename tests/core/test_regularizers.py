@@ -94,3 +94,16 @@ def test_bad_arguments_are_named(policy):
         minimum_attention(policy_fn, params, states, dt=0.1, estimator="sampled")
     with pytest.raises(ValueError, match="valid"):
         minimum_attention(policy_fn, params, states, dt=0.1, valid=torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="float64"):
+        minimum_attention(policy_fn, params, states, dt=0.1, valid=torch.ones(3, dtype=DTYPE))
+
+
+def test_a_single_step_has_no_temporal_term(policy):
+    """With ``T = 1`` there is no pair to difference: the temporal term is 0 (not the NaN of an empty mean),
+    with or without a mask, and the total is the spatial term."""
+    policy_fn, params = policy
+    states = torch.randn(1, 4, dtype=DTYPE)
+    for valid in (None, torch.ones(1, dtype=torch.bool)):
+        terms = minimum_attention(policy_fn, params, states, dt=0.1, valid=valid)
+        assert float(terms.temporal) == 0.0
+        assert float(terms.total) == float(terms.spatial) > 0

@@ -39,6 +39,19 @@ def test_structure_mismatch_names_the_leaf():
         tree.check_same_structure({"w": torch.ones(2)}, {"v": torch.ones(2)}, ("params", "v"))
     with pytest.raises(ValueError, match="entries"):
         tree.ravel({"w": torch.ones(2)})[1](torch.ones(3))
+    with pytest.raises(ValueError, match=r"\(4, 2\)"):
+        tree.ravel({"w": torch.ones(2)})[1](torch.ones(4, 2))
+    with pytest.raises(ValueError, match="empty tree"):
+        tree.dot({}, {})
+
+
+def test_unravel_keeps_each_leafs_dtype():
+    t = {"a": torch.ones(2, dtype=torch.float32), "b": torch.full((3,), 1 / 3, dtype=torch.float64)}
+    flat, unravel = tree.ravel(t)
+    assert flat.dtype == torch.float64
+    back = unravel(flat)
+    assert back["a"].dtype == torch.float32 and back["b"].dtype == torch.float64
+    assert torch.equal(back["b"], t["b"]) and torch.equal(back["a"], t["a"])
 
 
 def test_ravel_order_is_sorted_and_stable_across_torch_func_imports():
