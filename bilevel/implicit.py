@@ -13,7 +13,9 @@ differentiated: it may be any algorithm, even a non-differentiable one.
 The rule is a ``torch.autograd.Function`` with ``setup_context`` and a generated
 vmap rule, so it works under ``torch.autograd``, ``torch.func.grad``, ``vmap``,
 ``jacrev`` and their compositions (TorchOpt's ``custom_root`` supports none of the
-``torch.func`` transforms).
+``torch.func`` transforms). Second derivatives are exact too: the backward pass
+reads the solution through the same rule, so differentiating it again sees
+``x*(theta)``. Forward mode (``jvp``, ``jacfwd``, ``hessian``) is not supported.
 """
 
 from __future__ import annotations
