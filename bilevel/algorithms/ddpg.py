@@ -12,6 +12,7 @@ CleanRL, and target networks moved by Polyak averaging after every actor step.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,8 @@ class DDPGConfig(OffPolicyConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.exploration_noise < 0:
-            raise ValueError(f"`exploration_noise` must be >= 0; got {self.exploration_noise}")
+        if not 0 <= self.exploration_noise < math.inf:
+            raise ValueError(f"`exploration_noise` must be finite and >= 0; got {self.exploration_noise}")
 
 
 @register("ddpg")

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -135,9 +136,9 @@ class LookAheadConfig:
 
     def validate(self) -> None:
         super().validate()  # type: ignore[misc]
-        if self.meta_lr <= 0 or self.meta_weight_decay < 0:
-            raise ValueError(f"`meta_lr` must be > 0 and `meta_weight_decay` >= 0; got {self.meta_lr} "
-                             f"and {self.meta_weight_decay}")
+        if not (0 < self.meta_lr < math.inf and 0 <= self.meta_weight_decay < math.inf):
+            raise ValueError(f"`meta_lr` must be finite and > 0 and `meta_weight_decay` finite and >= 0; got "
+                             f"{self.meta_lr} and {self.meta_weight_decay}")
         if self.meta_interval < 1:
             raise ValueError(f"`meta_interval` must be >= 1; got {self.meta_interval}")
         if self.lookahead_layers not in LOOKAHEAD_LAYERS:

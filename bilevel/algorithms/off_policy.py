@@ -20,8 +20,11 @@ ones in particular, cannot be pickled). The envs are made anew each iteration be
 reset does not clear all of an env's state: BipedalWalker keeps its ``Box2D.b2World`` across
 resets, and its trajectories after ``reset(seed=s)`` depend on the episodes before. Choose
 ``steps_per_iteration`` as a multiple of the time limit (Pendulum 200, MuJoCo and LunarLander 1000,
-BipedalWalker 1600) so that no episode is cut early; with ``num_envs=1`` the iteration then ends
-exactly at an episode's end.
+BipedalWalker 1600): then an env whose episodes always run to the limit (Pendulum) is never cut. Where
+episodes end early (a landing, a fall) the iteration's last episode usually is cut: it is stored as
+truncated, so its critic targets bootstrap as at a time limit, but the replay holds fewer late-episode
+states than a loop that carries its envs across iterations would, and ``train_return`` (finished
+episodes only) leans towards short episodes.
 
 Actions live in [-1, 1] inside the learner (actors end in tanh) and are rescaled to the env's
 bounds only when sent to the env. All randomness (random steps, exploration noise, target
@@ -33,6 +36,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -74,15 +79,16 @@ def check_box_env_id(env_id: str) -> None:
 
 
 def make_box_env(env_id: str) -> gym.Env:
-    """``gym.make(env_id)``; a missing dependency or a non-Box action space is a ``ValueError``."""
+    """``gym.make(env_id)``; a missing dependency, or a space other than a 1-D Box, is a ``ValueError``."""
     try:
         env = gym.make(env_id)
     except gym.error.Error as error:
         raise ValueError(f"cannot make env {env_id!r}: {error}") from None
-    if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
+    spaces = (env.observation_space, env.action_space)
+    if not all(isinstance(space, gym.spaces.Box) and len(space.shape) == 1 for space in spaces):
         env.close()
-        raise ValueError(f"env {env_id!r} must have Box observation and action spaces; got "
-                         f"{env.observation_space} and {env.action_space}")
+        raise ValueError(f"env {env_id!r} must have 1-D Box observation and action spaces (vectors, not images); "
+                         f"got {spaces[0]} and {spaces[1]}")
     return env
 
 
@@ -233,8 +239,9 @@ class OffPolicyConfig(RunConfig):
             raise ValueError(f"`gamma` must be in [0, 1]; got {self.gamma}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"`tau` must be in (0, 1]; got {self.tau}")
-        if self.actor_lr <= 0 or self.critic_lr <= 0:
-            raise ValueError(f"`actor_lr` and `critic_lr` must be > 0; got {self.actor_lr} and {self.critic_lr}")
+        if not (0 < self.actor_lr < math.inf and 0 < self.critic_lr < math.inf):
+            raise ValueError(f"`actor_lr` and `critic_lr` must be finite and > 0; got {self.actor_lr} and "
+                             f"{self.critic_lr}")
         if not self.hidden or min(self.hidden) < 1:
             raise ValueError(f"`hidden` must be positive sizes; got {self.hidden}")
 
@@ -456,6 +463,8 @@ class OffPolicyLearner(Learner):
         `analyse` of the states visited."""
         if not isinstance(episodes, int) or episodes < 1:
             raise ValueError(f"`episodes` must be a positive integer; got {episodes!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"`seed` must be a non-negative integer; got {seed!r}")
         if seed is None:
             seed = derive_seed(self.config.seed, self.iteration, SEED_PURPOSES["eval_envs"]) % 2**31
         returns, visited, episode = evaluate_policy(self.config.env, functools.partial(self.decide, explore=False),
@@ -486,9 +495,21 @@ class OffPolicyLearner(Learner):
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.buffer.load_state_dict(state["buffer"])
-        self.generator.set_state(state["generator"].cpu())
         self.updates = state["updates"]
+        self._restore_generator(state["generator"].cpu())
         self.load_extra_state(state["extra"])
+
+    def _restore_generator(self, saved: Tensor) -> None:
+        """Continue the checkpoint's random stream; a CUDA generator's state does not fit a CPU one (nor the
+        reverse), so a run moved to another device type restarts the stream from its seed and update count:
+        it continues, not bit-identically."""
+        if saved.numel() == self.generator.get_state().numel():
+            self.generator.set_state(saved)
+            return
+        warnings.warn(f"the checkpoint's random stream was saved on another device type than {self.device}; "
+                      "it restarts from the run's seed and update count, so the run continues but not "
+                      "bit-identically", RuntimeWarning, stacklevel=3)
+        self.generator.manual_seed(derive_seed(self.config.seed, self.updates, SEED_PURPOSES["generator"]))
 
     def evaluation_state(self) -> dict[str, Any]:
         """Actor and critic (dance twice and the Q gap read the critic), without targets, optimisers or buffer."""

@@ -12,6 +12,7 @@ SAC keeps no target actor: only the critics have Polyak targets.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -58,8 +59,8 @@ class SACConfig(OffPolicyConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.alpha <= 0 or self.alpha_lr <= 0:
-            raise ValueError(f"`alpha` and `alpha_lr` must be > 0; got {self.alpha} and {self.alpha_lr}")
+        if not (0 < self.alpha < math.inf and 0 < self.alpha_lr < math.inf):
+            raise ValueError(f"`alpha` and `alpha_lr` must be finite and > 0; got {self.alpha} and {self.alpha_lr}")
 
 
 @register("sac")

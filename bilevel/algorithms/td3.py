@@ -10,6 +10,7 @@ actor updates.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor
@@ -35,8 +36,8 @@ class TD3Config(DDPGConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.policy_noise < 0 or self.noise_clip < 0:
-            raise ValueError(f"`policy_noise` and `noise_clip` must be >= 0; got {self.policy_noise} "
+        if not (0 <= self.policy_noise < math.inf and 0 <= self.noise_clip < math.inf):
+            raise ValueError(f"`policy_noise` and `noise_clip` must be finite and >= 0; got {self.policy_noise} "
                              f"and {self.noise_clip}")
 
 

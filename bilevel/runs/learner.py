@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,7 +47,12 @@ class RunConfig:
     suits the small networks of these methods: on a shared machine more threads only contend."""
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field with a bad value."""
+        """Raise ``ValueError`` naming the first field with a bad value. A NaN in any float field is bad
+        (every comparison with it is False, so a range check alone lets it through)."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and math.isnan(value):
+                raise ValueError(f"`{field.name}` must be a number; got nan")
         if self.iterations < 1:
             raise ValueError(f"`iterations` must be >= 1; got {self.iterations}")
         if self.checkpoint_every < 1:

@@ -192,6 +192,11 @@ def test_cli_train_and_eval(tmp_path, algorithm):
         (["train", "ddpg", "--env", "Pendulum-v1", "--tau", "0"], "tau"),
         (["train", "td3", "--env", "Pendulum-v1", "--batch-size", "0"], "batch_size"),
         (["train", "td3-matt", "--env", "Pendulum-v1", "--lookahead-layers", "head"], "lookahead_layers"),
+        (["train", "td3", "--env", "Pendulum-v1", "--policy-noise", "nan"], "policy_noise"),
+        (["train", "td3", "--env", "Pendulum-v1", "--noise-clip", "inf"], "noise_clip"),
+        (["train", "sac", "--env", "Pendulum-v1", "--alpha", "nan"], "alpha"),
+        (["train", "ddpg", "--env", "Pendulum-v1", "--actor-lr", "nan"], "actor_lr"),
+        (["train", "td3-matt", "--env", "Pendulum-v1", "--meta-lr", "inf"], "meta_lr"),
     ],
 )
 def test_cli_bad_input_exits_2_naming_it(tmp_path, capsys, argv, message):
@@ -201,10 +206,43 @@ def test_cli_bad_input_exits_2_naming_it(tmp_path, capsys, argv, message):
     assert not run.exists()
 
 
-def test_eval_rejects_bad_episodes(tmp_path):
+def test_eval_rejects_bad_episodes_and_seeds(tmp_path):
     learner = build("ddpg")
     with pytest.raises(ValueError, match="episodes"):
         learner.evaluate(episodes=0)
+    for seed in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"`seed`.*{seed!r}"):
+            learner.evaluate(episodes=1, seed=seed)
+
+
+class ImageObservations(gym.Env):
+    observation_space = gym.spaces.Box(0, 255, (8, 8, 3), np.uint8)
+    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+
+def test_image_observations_are_refused_naming_the_env():
+    gym.register("bilevel-test/ImageObservations-v0", entry_point=ImageObservations)
+    try:
+        with pytest.raises(ValueError, match=r"ImageObservations-v0.*1-D Box.*\(8, 8, 3\)"):
+            build("td3", env="bilevel-test/ImageObservations-v0")
+    finally:
+        gym.registry.pop("bilevel-test/ImageObservations-v0")
+
+
+def test_a_checkpoint_from_another_device_type_resumes_with_a_warning():
+    """A CUDA generator's state (16 bytes) does not fit a CPU generator: loading one restarts the random
+    stream from the run's seed and update count, with a warning, instead of failing."""
+    trained = build("td3")
+    trained.step()
+    state = trained.learner_state()
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)
+    fresh = build("td3")
+    with pytest.warns(RuntimeWarning, match="another device type"):
+        fresh.load_learner_state(state)
+    expected = torch.Generator().manual_seed(derive_seed(0, trained.updates, SEED_PURPOSES["generator"]))
+    assert torch.equal(torch.rand(4, generator=fresh.generator), torch.rand(4, generator=expected))
+    fresh.load_learner_state(trained.learner_state())
+    assert torch.equal(fresh.generator.get_state(), trained.generator.get_state())
 
 
 def learn_pendulum(algorithm, seed=0, budget=20_000):
