@@ -75,7 +75,7 @@ __all__ = [
     "exact_collection",
     "exact_meta_objective",
     "forward_kl_adaptation",
-    "forward_kl_multiplier",
+    "forward_kl_offset",
     "gym_episode_collection",
     "lower_bound_gain",
     "meta_test",
@@ -172,28 +172,36 @@ def reverse_kl_adaptation(behaviour_logits: Tensor, advantages: Tensor, lam: flo
     return _same_gauge(behaviour_logits + advantages / lam, behaviour_logits)
 
 
-def forward_kl_multiplier(behaviour_policy: Tensor, advantages: Tensor, lam: float) -> Tensor:
-    """The ``mu_s [S_obs]`` with ``sum_a lambda pi_phi(a|s) / (mu_s - A(s, a)) = 1``, by bisection.
+def forward_kl_offset(behaviour_policy: Tensor, advantages: Tensor, lam: float) -> Tensor:
+    """``u_s = mu_s - max_a A(s, a) [S_obs]``, ``mu_s`` the multiplier with
+    ``sum_a lambda pi_phi(a|s) / (u_s + gap_s(a)) = 1``, ``gap_s(a) = max_a' A(s, a') - A(s, a) >= 0``.
 
-    The sum falls from ``>= 1`` at ``max_a A + lambda pi_phi(a*|s)`` (``a*`` the argmax) to ``<= 1`` at
-    ``max_a A + lambda``, monotonically, so the root is unique in that bracket."""
+    The sum falls monotonically in ``u`` from ``>= 1`` at ``lambda pi_phi(a*|s)`` (``a*`` the argmax) to
+    ``<= 1`` at ``lambda``, so the root is unique in that bracket; it is found by bisection on ``log u``.
+    Searching ``u`` rather than ``mu`` keeps its relative precision when ``pi_phi(a*|s)`` is tiny: ``u`` is then
+    of the order of ``lambda pi_phi(a*|s)``, below the resolution of ``mu`` near ``max_a A``."""
     best, best_action = advantages.max(dim=-1)
-    lower = best + lam * behaviour_policy.gather(-1, best_action[..., None]).squeeze(-1)
-    upper = best + lam
+    gaps = best[..., None] - advantages
+    tiny = torch.finfo(behaviour_policy.dtype).tiny
+    best_prior = behaviour_policy.gather(-1, best_action[..., None]).squeeze(-1).clamp(min=tiny)
+    lower = torch.log(lam * best_prior)
+    upper = lower - torch.log(best_prior)
     for _ in range(ROOT_SEARCH_ITERATIONS):
         middle = 0.5 * (lower + upper)
-        total = (lam * behaviour_policy / (middle[..., None] - advantages)).sum(dim=-1)
+        total = (lam * behaviour_policy / (torch.exp(middle)[..., None] + gaps)).sum(dim=-1)
         above = total > 1
         lower = torch.where(above, middle, lower)
         upper = torch.where(above, upper, middle)
-    return 0.5 * (lower + upper)
+    return torch.exp(0.5 * (lower + upper))
 
 
 def forward_kl_adaptation(behaviour_logits: Tensor, advantages: Tensor, lam: float) -> Tensor:
-    """D1's solution ``pi(a|s) = lambda pi_phi(a|s) / (mu_s - A(s, a))`` as logits in the gauge of ``phi``."""
+    """D1's solution ``pi(a|s) = lambda pi_phi(a|s) / (mu_s - A(s, a))`` as logits in the gauge of ``phi``,
+    with ``mu_s - A(s, a) = u_s + gap_s(a)`` from `forward_kl_offset`."""
     behaviour_policy = softmax_policy(behaviour_logits)
-    multiplier = forward_kl_multiplier(behaviour_policy, advantages, lam)
-    policy = lam * behaviour_policy / (multiplier[..., None] - advantages)
+    offset = forward_kl_offset(behaviour_policy, advantages, lam)
+    gaps = advantages.max(dim=-1, keepdim=True).values - advantages
+    policy = lam * behaviour_policy / (offset[..., None] + gaps)
     return _same_gauge(torch.log(policy), behaviour_logits)
 
 

@@ -83,17 +83,32 @@ def shortest_path_length(desc: Map) -> int | None:
     return None
 
 
+MAX_MAP_DRAWS = 100_000
+"""Draws `random_map` and `distinct_maps` make before giving up (a hole probability near 1 leaves almost no
+solvable map; near 0, almost no distinct ones)."""
+
+
+def _check_map_options(size: int, hole_probability: float) -> None:
+    if not (isinstance(size, int) and size >= 2):
+        raise ValueError(f"`size` must be an int >= 2; got {size!r}")
+    if not 0 <= hole_probability < 1:
+        raise ValueError(f"`hole_probability` must be in [0, 1); got {hole_probability}")
+
+
 def random_map(
     generator: np.random.Generator, size: int = MAP_SIZE, hole_probability: float = DEFAULT_HOLE_PROBABILITY
 ) -> Map:
     """A map whose non-start, non-goal cells are holes with ``hole_probability``, redrawn until solvable."""
-    while True:
+    _check_map_options(size, hole_probability)
+    for _ in range(MAX_MAP_DRAWS):
         is_hole = generator.random(size * size) < hole_probability
         cells = ["H" if hole else "F" for hole in is_hole]
         cells[0], cells[-1] = "S", "G"
         desc = tuple("".join(cells[row * size : (row + 1) * size]) for row in range(size))
         if shortest_path_length(desc) is not None:
             return desc
+    raise ValueError(f"no solvable {size}x{size} map in {MAX_MAP_DRAWS} draws with hole_probability "
+                     f"{hole_probability}; lower it")
 
 
 def distinct_maps(
@@ -103,12 +118,18 @@ def distinct_maps(
     hole_probability: float = DEFAULT_HOLE_PROBABILITY,
 ) -> list[Map]:
     """``count`` pairwise different solvable random maps."""
+    _check_map_options(size, hole_probability)
     maps: list[Map] = []
-    while len(maps) < count:
+    for _ in range(MAX_MAP_DRAWS):
+        if len(maps) >= count:
+            return maps
         desc = random_map(generator, size, hole_probability)
         if desc not in maps:
             maps.append(desc)
-    return maps
+    if len(maps) >= count:
+        return maps
+    raise ValueError(f"only {len(maps)} distinct solvable {size}x{size} maps in {MAX_MAP_DRAWS} draws with "
+                     f"hole_probability {hole_probability}; asked for {count}")
 
 
 def frozen_lake_mdp(desc: Map, holes_terminal: bool, hole_reward: float) -> TabularMDP:
@@ -218,6 +239,10 @@ class FrozenLake:
         self.kind = kind
         self.env_id = "bilevel/FrozenLakeHole-v0" if kind == "hole" else "bilevel/FrozenLakeNoHole-v0"
         num_train = DEFAULT_NUM_TRAIN[kind] if num_train is None else num_train
+        if not (isinstance(num_train, int) and num_train >= 1):
+            raise ValueError(f"`num_train` must be an int >= 1; got {num_train!r}")
+        if not (isinstance(num_test, int) and num_test >= 0):
+            raise ValueError(f"`num_test` must be an int >= 0; got {num_test!r}")
         maps = distinct_maps(num_train + num_test, np.random.default_rng(seed), hole_probability=hole_probability)
         self._train = [FrozenLakeTask(desc, kind) for desc in maps[:num_train]]
         self._test = [FrozenLakeTask(desc, kind) for desc in maps[num_train:]]

@@ -8,6 +8,7 @@ around the same env.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,25 +30,33 @@ def mujoco_model(env: gym.Env) -> mujoco.MjModel:
 
 
 def _positive(name: str, value: float) -> float:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     return float(value)
 
 
 def _object_ids(model: mujoco.MjModel, object_type: mujoco.mjtObj, count: int, names: Sequence[Name]) -> list[int]:
     """Indices of named or numbered MuJoCo objects of one type; ValueError naming an unknown one."""
     valid_names = [mujoco.mj_id2name(model, object_type, i) for i in range(count)]
+    kind = object_type.name[6:].lower()
+    if not names:
+        raise ValueError(f"no {kind} chosen (an empty selection perturbs nothing); valid: {valid_names}")
     ids = []
     for name in names:
-        index = name if isinstance(name, int) else mujoco.mj_name2id(model, object_type, name)
+        if isinstance(name, numbers.Integral) and not isinstance(name, bool):
+            index = int(name)
+        elif isinstance(name, str):
+            index = mujoco.mj_name2id(model, object_type, name)
+        else:
+            raise ValueError(f"a {kind} is a name or an index; got {name!r}")
         if not 0 <= index < count:
-            raise ValueError(f"unknown {object_type.name[6:].lower()} {name!r}; valid: {valid_names}")
+            raise ValueError(f"unknown {kind} {name!r}; valid: {valid_names}")
         ids.append(index)
     return ids
 
 
 def _as_list(names: Name | Sequence[Name]) -> list[Name]:
-    return [names] if isinstance(names, str | int) else list(names)
+    return [names] if isinstance(names, str | numbers.Integral) else list(names)
 
 
 class BodyMassScale(gym.Wrapper):
@@ -82,7 +91,10 @@ class CrippledJoint(gym.Wrapper):
     def __init__(self, env: gym.Env, joint: Name | Sequence[Name]):
         super().__init__(env)
         model = mujoco_model(env)
-        self.actuator_ids = sorted({i for name in _as_list(joint) for i in _actuators_of(model, name)})
+        joints = _as_list(joint)
+        if not joints:
+            raise ValueError("no joint or actuator chosen (an empty selection cripples nothing)")
+        self.actuator_ids = sorted({i for name in joints for i in _actuators_of(model, name)})
         model.actuator_gear[self.actuator_ids] = 0.0
 
 
@@ -101,6 +113,8 @@ def actuator_lookup(model: mujoco.MjModel) -> dict[Name, list[int]]:
 
 def _actuators_of(model: mujoco.MjModel, name: Name) -> list[int]:
     lookup = actuator_lookup(model)
+    if isinstance(name, numbers.Integral) and not isinstance(name, bool):
+        name = int(name)
     if name not in lookup:
         valid = [key for key in lookup if isinstance(key, str)]
         raise ValueError(f"unknown joint or actuator {name!r}; valid names: {valid}, or an index < {model.nu}")

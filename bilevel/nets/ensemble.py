@@ -338,6 +338,8 @@ class ProbabilisticEnsemble(nn.Module):
             check_positive(value, name)
         if max_epochs is not None:
             check_positive(max_epochs, "max_epochs")
+        if not 0.0 <= improvement_threshold < math.inf:
+            raise ValueError(f"`improvement_threshold` must be finite and >= 0; got {improvement_threshold}")
         self._extend_split(obs.shape[0], holdout_ratio, generator)
         train_rows = torch.nonzero(~self.is_holdout).squeeze(-1).to(obs.device)
         holdout_rows = torch.nonzero(self.is_holdout).squeeze(-1).to(obs.device)

@@ -193,3 +193,24 @@ def test_discounted_visitation_sums_to_the_discounted_horizon_without_terminatio
     visitation = discounted_visitation(mdp, random_policy(seed=6))
     assert visitation.sum().item() == pytest.approx((1 - GAMMA**HORIZON) / (1 - GAMMA), abs=1e-12)
     assert visitation[-1] == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_train": -3}, "`num_train`.*-3"),
+        ({"num_test": -4}, "`num_test`.*-4"),
+        ({"hole_probability": 1.0}, "`hole_probability`.*1.0"),
+        ({"hole_probability": float("nan")}, "`hole_probability`.*nan"),
+    ],
+)
+def test_bad_family_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        FrozenLake("hole", **options)
+
+
+def test_too_few_distinct_maps_is_an_error_not_a_hang(monkeypatch):
+    """Without holes only one map exists: asking for two stops after `MAX_MAP_DRAWS` draws."""
+    monkeypatch.setattr("bilevel.envs.frozen_lake.MAX_MAP_DRAWS", 50)
+    with pytest.raises(ValueError, match=r"only 1 distinct.*asked for 2"):
+        FrozenLake("hole", num_train=1, num_test=1, hole_probability=0.0)

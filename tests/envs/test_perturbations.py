@@ -91,6 +91,10 @@ def test_perturbation_persists_through_reset():
         ("crippled-joint", {"joint": "knee"}, "'knee'"),
         ("crippled-joint", {"joint": 6}, "6"),
         ("slope", {"degrees": 90.0}, "90.0"),
+        ("mass", {"scale": float("inf")}, "inf"),
+        ("mass", {"scale": 2.0, "bodies": []}, "no body chosen"),
+        ("mass", {"scale": 2.0, "bodies": [2.5]}, "2.5"),
+        ("crippled-joint", {"joint": []}, "cripples nothing"),
     ],
 )
 def test_bad_perturbation_arguments_name_the_value(name, kwargs, bad_value):
@@ -106,3 +110,9 @@ def test_unknown_perturbation_names_the_value():
 def test_non_mujoco_env_is_rejected():
     with pytest.raises(ValueError, match="not a MuJoCo env"):
         Slope(gym.make("bilevel/Navigation2D-v0"), 5.0)
+
+
+def test_numpy_integers_select_bodies_and_actuators_like_ints():
+    env = gym.make("HalfCheetah-v5")
+    assert BodyMassScale(env, 1.0, bodies=[np.int64(2)]).body_ids == [2]
+    assert CrippledJoint(env, np.int64(1)).actuator_ids == CrippledJoint(env, 1).actuator_ids == [1]

@@ -202,6 +202,9 @@ def test_bad_arguments_raise_value_errors_naming_them():
         ensemble.fit(torch.zeros(10, 3), torch.zeros(10, 2), torch.zeros(10, 3), torch.zeros(9))
     with pytest.raises(ValueError, match="`holdout_ratio`"):
         ensemble.fit(torch.zeros(10, 3), torch.zeros(10, 2), torch.zeros(10, 3), torch.zeros(10), holdout_ratio=1.0)
+    with pytest.raises(ValueError, match=r"`improvement_threshold`.*-0.1"):
+        ensemble.fit(torch.zeros(10, 3), torch.zeros(10, 2), torch.zeros(10, 3), torch.zeros(10),
+                     improvement_threshold=-0.1)
 
 
 def test_member_predictor_is_predict_members_and_a_loop_over_members_in_float64(fitted):
