@@ -120,7 +120,10 @@ def trpo_step(
             not differentiated).
         max_kl: the trust-region radius ``delta``.
         cg_iters: conjugate-gradient iterations for ``F^{-1} g``.
-        damping: added to ``F`` for the solve.
+        damping: added to ``F`` for the solve. The step length ``beta`` uses the undamped curvature
+            ``s^T F s``, so a component of ``s`` in ``F``'s null space (a parameter ``kl_fn`` does not read)
+            is bounded only by ``1 / damping`` and the KL test of the line search cannot see it: keep
+            every parameter of ``params`` in the policy whose KL is measured.
         backtrack_ratio: the line search's ratio ``rho``: it tries ``rho^j`` of the full step.
         max_backtracks: the line search tries ``j = 0, ..., max_backtracks - 1``.
         hvp_mode: how Fisher-vector products are formed: ``"reverse-over-reverse"`` or
