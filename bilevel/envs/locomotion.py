@@ -7,6 +7,7 @@ the root (HalfCheetah) or torso (Ant) x position over the step divided by ``dt``
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, SupportsFloat
@@ -128,6 +129,8 @@ class HalfCheetahVelocity:
     env_id = "bilevel/HalfCheetahVel-v0"
 
     def __init__(self, low: float = 0.0, high: float = 2.0):
+        if not -math.inf < low <= high < math.inf:
+            raise ValueError(f"target velocities need finite `low` <= `high`; got low={low}, high={high}")
         self.low = low
         self.high = high
 

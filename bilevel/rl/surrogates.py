@@ -8,6 +8,8 @@ the advantages and the behaviour log-probabilities where they are to be constant
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -74,8 +76,8 @@ def standardize(advantages: Tensor, valid: Tensor | None = None, eps: float = 1e
     Returns:
         ``[...]`` standardised advantages.
     """
-    if eps <= 0:
-        raise ValueError(f"`eps` must be positive; got {eps}")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"`eps` must be finite and positive; got {eps}")
     mean = masked_mean(advantages, valid)
     centred = advantages - mean
     std = masked_mean(centred**2, valid).sqrt()

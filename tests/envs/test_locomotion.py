@@ -94,3 +94,9 @@ def test_task_reward_fns_broadcast_over_tasks():
 def test_direction_must_be_plus_or_minus_one():
     with pytest.raises(ValueError, match="0"):
         HalfCheetahDirection().make_env(DirectionTask(0))
+
+
+@pytest.mark.parametrize(("low", "high"), [(2.0, 0.0), (0.0, float("inf")), (float("nan"), 1.0)])
+def test_velocity_range_must_be_finite_and_ordered(low, high):
+    with pytest.raises(ValueError, match=f"low={low}, high={high}"):
+        HalfCheetahVelocity(low, high)

@@ -84,6 +84,9 @@ def test_standardize_gives_zero_mean_unit_std_over_valid_steps():
         real.std(unbiased=False), torch.tensor(1.0, dtype=torch.float64), atol=1e-6, rtol=0
     )
     assert not standardized[~valid].any()
+    for eps in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"`eps`.*{eps}"):
+            standardize(advantages, valid, eps=eps)
 
 
 def test_vmap_over_tasks_equals_loop():
