@@ -116,6 +116,7 @@ class BatchedHalfCheetah(VectorEnv):
         self._models = [self.model] * num_envs
         self._elapsed = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(num_envs, dtype=bool)
+        self._was_reset = False
         self._rngs = [np.random.default_rng() for _ in range(num_envs)]
 
     def _reset_states(self, mask: np.ndarray) -> None:
@@ -140,12 +141,17 @@ class BatchedHalfCheetah(VectorEnv):
             self._rngs = [np.random.default_rng(int(s)) for s in seeds]
         self._reset_states(np.ones(self.num_envs, dtype=bool))
         self._needs_reset[:] = False
+        self._was_reset = True
         return self._observe(), {}
 
     def step(self, actions: np.ndarray):
         """Advance every env by one step of ``frame_skip`` physics steps; returns
         ``(obs [N, 17], rewards [N], terminated [N], truncated [N], {"x_velocity": [N]})``."""
-        actions = np.asarray(actions, dtype=np.float64).reshape(self.num_envs, self.model.nu)
+        if not self._was_reset:
+            raise gym.error.ResetNeeded("call reset() before step()")
+        actions = np.asarray(actions, dtype=np.float64)
+        if actions.shape != (self.num_envs, self.model.nu):
+            raise ValueError(f"actions must have shape {(self.num_envs, self.model.nu)}; got {actions.shape}")
         if not np.all(np.isfinite(actions)):
             raise ValueError(f"actions must be finite; got {actions[~np.isfinite(actions).all(1)][0]}")
         x_before = self._state[:, self._qpos.start].copy()

@@ -12,6 +12,8 @@ flags ``[T, E]``. The envs of a batch step in lockstep, so all are truncated tog
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +51,13 @@ def navigation_step(
     return next_position, -torch.linalg.vector_norm(next_position - goal, dim=-1)
 
 
+def _check_dynamics(horizon: int, max_action: float) -> None:
+    if not (isinstance(horizon, numbers.Integral) and not isinstance(horizon, bool) and horizon >= 1):
+        raise ValueError(f"`horizon` must be an int >= 1; got {horizon!r}")
+    if not 0 < max_action < math.inf:
+        raise ValueError(f"`max_action` must be finite and > 0; got {max_action}")
+
+
 class BatchedNavigation2D:
     """``T`` navigation tasks x ``num_envs_per_task`` envs stepped as one tensor computation.
 
@@ -56,6 +65,9 @@ class BatchedNavigation2D:
     """
 
     def __init__(self, num_envs_per_task: int = 1, horizon: int = HORIZON, max_action: float = MAX_ACTION):
+        _check_dynamics(horizon, max_action)
+        if not (isinstance(num_envs_per_task, numbers.Integral) and num_envs_per_task >= 1):
+            raise ValueError(f"`num_envs_per_task` must be an int >= 1; got {num_envs_per_task!r}")
         self.num_envs_per_task = num_envs_per_task
         self.horizon = horizon
         self.max_action = max_action
@@ -93,6 +105,7 @@ class Navigation2DEnv(gym.Env):
     metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012
 
     def __init__(self, task: GoalTask | None = None, horizon: int = HORIZON, max_action: float = MAX_ACTION):
+        _check_dynamics(horizon, max_action)
         self.task = task or GoalTask((GOAL_BOUND / 2, GOAL_BOUND / 2))
         self.horizon = horizon
         self.max_action = max_action
@@ -125,7 +138,14 @@ class Navigation2D:
         goals = generator.uniform(-GOAL_BOUND, GOAL_BOUND, size=(n, 2))
         return [GoalTask((float(x), float(y))) for x, y in goals]
 
-    def make_env(self, task: GoalTask, **kwargs: Any) -> gym.Env:
+    def make_env(self, task: GoalTask, max_episode_steps: int | None = None, **kwargs: Any) -> gym.Env:
+        """The single-task env; ``max_episode_steps`` (the keyword of the MuJoCo families' ``make_env``)
+        sets its ``horizon``, which ends the episode by truncation."""
+        if max_episode_steps is not None:
+            if "horizon" in kwargs and kwargs["horizon"] != max_episode_steps:
+                raise ValueError(f"`max_episode_steps` ({max_episode_steps}) and `horizon` ({kwargs['horizon']}) "
+                                 "disagree; give one")
+            kwargs["horizon"] = max_episode_steps
         return gym.make(self.env_id, task=task, **kwargs)
 
     def make_batched(self, num_envs_per_task: int = 1, **kwargs: Any) -> BatchedNavigation2D:

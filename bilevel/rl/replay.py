@@ -178,11 +178,23 @@ class ReplayBuffer:
                     f"`state[{name!r}]` must have shape {expected}; got {tuple(state[name].shape)}"
                 )
             self._storage[name][:size] = state[name].to(self.device)
-        self._position = state["position"]
+        position = state["position"]
+        full = size == self.capacity
+        if not (0 <= size <= self.capacity and 0 <= position < self.capacity and (full or position == size)):
+            raise ValueError(f"`state` has write position {position} and size {size}, impossible for capacity "
+                             f"{self.capacity}")
+        self._position = position
         self._size = size
 
     def _as_batch(self, *values: ArrayLike) -> dict[str, Tensor]:
-        """The six transition fields as tensors on ``device`` in storage dtypes, shapes checked."""
+        """The six transition fields as tensors on ``device`` in storage dtypes, shapes checked; the done
+        flags must be bool (or integer 0/1), never a float that a cast would turn into True."""
+        for name, value in zip(_FIELDS, values, strict=True):
+            if name in ("terminated", "truncated"):
+                flags = torch.as_tensor(value)
+                if flags.is_floating_point() or flags.is_complex() or (flags.dtype != torch.bool and bool(
+                        ((flags != 0) & (flags != 1)).any())):
+                    raise ValueError(f"`{name}` must hold bool flags; got dtype {flags.dtype}")
         batch = {
             name: torch.as_tensor(value, dtype=self._storage[name].dtype, device=self.device)
             for name, value in zip(_FIELDS, values, strict=True)

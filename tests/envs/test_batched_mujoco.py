@@ -1,5 +1,7 @@
 """The batched HalfCheetah steps, rewards and autoresets like Gymnasium's HalfCheetah-v5."""
 
+import re
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -86,3 +88,15 @@ def test_bad_input_names_the_value():
     batched.reset(seed=0)
     with pytest.raises(ValueError, match="nan"):
         batched.step(np.full((1, 6), np.nan))
+
+
+def test_step_needs_a_reset_and_actions_of_the_batch_shape():
+    """Actions with the right number of entries but the wrong shape would be reshaped into other envs'
+    controls: they are refused, as is a step from the all-zero state before any reset."""
+    batched = BatchedHalfCheetah(2)
+    with pytest.raises(gym.error.ResetNeeded):
+        batched.step(np.zeros((2, 6)))
+    batched.reset(seed=0)
+    for shape in [(3, 4), (12,), (6, 2)]:
+        with pytest.raises(ValueError, match=re.escape(f"(2, 6); got {shape}")):
+            batched.step(np.zeros(shape))

@@ -54,3 +54,22 @@ def test_stepping_past_the_horizon_raises():
 def test_bad_goal_shape_names_the_shape():
     with pytest.raises(ValueError, match=r"\(2,\)"):
         BatchedNavigation2D().reset(torch.zeros(2))
+
+
+@pytest.mark.parametrize("horizon", [30, 150])
+def test_make_env_max_episode_steps_sets_the_horizon(horizon):
+    """The gym sampler passes ``max_episode_steps``; the env's own horizon must follow it, longer or shorter."""
+    env = Navigation2D().make_env(GoalTask((0.1, 0.1)), max_episode_steps=horizon)
+    env.reset(seed=0)
+    steps, done = 0, False
+    while not done:
+        _, _, terminated, truncated, _ = env.step(np.zeros(2, np.float32))
+        steps, done = steps + 1, terminated or truncated
+    assert steps == horizon
+
+
+@pytest.mark.parametrize(("options", "name"), [({"num_envs_per_task": 0}, "num_envs_per_task"),
+                                               ({"horizon": -3}, "horizon"), ({"max_action": 0.0}, "max_action")])
+def test_bad_batched_options_are_named(options, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        BatchedNavigation2D(**options)

@@ -151,6 +151,15 @@ def test_bad_arguments_are_rejected():
         )
     with pytest.raises(ValueError, match="capacity"):
         ReplayBuffer(5, (2,), ()).load_state_dict(buffer.state_dict())
+    for flags in (terminated.astype(np.float64) * 0.5, truncated.astype(np.int64) * 2):
+        with pytest.raises(ValueError, match="bool flags"):
+            buffer.add(obs, actions, rewards, next_obs, flags, truncated)
+    buffer.add(obs, actions, rewards, next_obs, terminated.astype(np.int64), truncated)
+    state = buffer.state_dict()
+    for position, size in ((99, state["size"]), (1, 2)):
+        with pytest.raises(ValueError, match=f"position {position} and size {size}"):
+            stored = {k: v[:size] for k, v in state.items() if torch.is_tensor(v)}
+            ReplayBuffer(4, (2,), ()).load_state_dict({**state, "position": position, "size": size, **stored})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
