@@ -124,7 +124,7 @@ def _train(argv: list[str]) -> int:
             config = make_config(algorithm, args)
             run_dir = run_dir or Path("runs") / f"{algorithm}-{config.env}-s{config.seed}"
         learner = train(algorithm, config, run_dir, resume=resume is not None, overwrite=overwrite,
-                        progress=progress or None)
+                        progress=None if progress else False)
     except ValueError as error:
         print(f"bilevel train: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

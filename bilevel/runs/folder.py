@@ -21,16 +21,23 @@ the same folder and moved into place with ``os.replace``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no lock there
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["MetricsWriter", "RunFolder", "archive", "atomic_save", "atomic_write_text", "final_mean"]
 
@@ -41,6 +48,7 @@ def _atomic_write(path: Path, mode: str, write: Callable[[IO[Any]], object]) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()
@@ -49,6 +57,14 @@ def _atomic_write(path: Path, mode: str, write: Callable[[IO[Any]], object]) -> 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (``mkstemp`` creates files 0600 whatever it is; a run's files should be as readable
+    as any other file the user writes)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -134,12 +150,62 @@ class RunFolder:
     def exists(self) -> bool:
         return self.config_path.exists()
 
+    def is_run(self) -> bool:
+        """Whether ``config.json`` is a run's (an ``algorithm`` and a ``config``), not some other project's."""
+        try:
+            data = json.loads(self.config_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return (isinstance(data, dict) and isinstance(data.get("algorithm"), str)
+                and isinstance(data.get("config"), dict))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the folder (``flock`` on ``.lock``, released by the OS if the process dies;
+        the file is removed on the way out), so that two processes never train into one folder. A folder this
+        call creates is removed again if the body raises before writing anything into it."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"run folder {str(self.path)!r} is a file")
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path / ".lock"
+        with lock_path.open("a") as handle:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise ValueError(f"run folder {str(self.path)!r} is in use by another process") from None
+            failed = True
+            try:
+                yield
+                failed = False
+            finally:
+                lock_path.unlink(missing_ok=True)
+                if failed and created and not any(self.path.iterdir()):
+                    self.path.rmdir()
+
+    def clear(self) -> None:
+        """Remove every entry of a run folder but its hidden ones (the lock, a sweep's fault marker), refusing a
+        folder that is not a run's."""
+        if not self.is_run():
+            raise ValueError(f"{str(self.path)!r} has a config.json that is not a run's; not deleting it")
+        for entry in self.path.iterdir():
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
     def write_config(self, algorithm: str, config: dict[str, Any]) -> None:
         atomic_write_text(self.config_path, json.dumps({"algorithm": algorithm, "config": config}, indent=2) + "\n")
 
     def read_config(self) -> tuple[str, dict[str, Any]]:
         if not self.config_path.exists():
             raise ValueError(f"{str(self.path)!r} is not a run folder: it has no config.json")
+        if not self.is_run():
+            raise ValueError(f"{str(self.config_path)!r} is not a run's config: it needs JSON with an "
+                             "`algorithm` and a `config`")
         data = json.loads(self.config_path.read_text())
         return data["algorithm"], data["config"]
 

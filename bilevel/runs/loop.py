@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
-import shutil
 import time
+import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,34 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([device_state.cpu() for device_state in state["cuda"]])
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the config field type ``hint`` (bool, int, float, str, a tuple, a union of them);
+    other hints accept anything. An int fits a float field; a bool fits only a bool field."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple or hint is tuple:
+        return isinstance(value, (tuple, list))
+    return True
+
+
+def _check_types(config_class: type[RunConfig], values: dict[str, Any]) -> None:
+    hints = typing.get_type_hints(config_class)
+    for key, value in values.items():
+        if not _fits(value, hints[key]):
+            raise ValueError(f"`{key}` must be {getattr(hints[key], '__name__', hints[key])}; got {value!r}")
+
+
 def make_config(algorithm: str, values: dict[str, Any]) -> RunConfig:
     """Build ``algorithm``'s config from ``values``; an unknown key or a bad value raises
     ``ValueError`` naming it."""
@@ -71,6 +100,7 @@ def make_config(algorithm: str, values: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} for {algorithm!r}; known: {sorted(known)}")
+    _check_types(config_class, values)
     config = config_class(**values)
     config.validate()
     envs = get_algorithm(algorithm).envs
@@ -128,10 +158,13 @@ def train(
     With ``resume=True`` the run continues from its last checkpoint (its saved config
     with ``config.iterations`` as the new budget) and drops metric rows written after
     that checkpoint. Without it, an existing run folder is an error unless
-    ``overwrite=True``. ``progress=None`` shows the bar only on a terminal.
+    ``overwrite=True``, which empties it (never a folder whose config.json is not a run's),
+    after the device is known to exist. The folder is locked while training: a second process
+    training into it is refused. ``progress=None`` shows the bar only on a terminal.
     ``after_iteration(learner)`` runs after each iteration's metrics and checkpoint.
     torch uses ``config.threads`` CPU threads meanwhile (a resumed run may change it)."""
     folder = RunFolder(run_dir)
+    resolve_device(config.device)
     if resume:
         saved_algorithm, saved_values = folder.read_config()
         if saved_algorithm != algorithm:
@@ -140,12 +173,14 @@ def train(
             raise ValueError(f"run {str(folder.path)!r} has no checkpoint to resume from")
         config = make_config(algorithm, {**saved_values, "iterations": config.iterations,
                                           "threads": config.threads})
-    elif folder.exists():
-        if not overwrite:
-            raise ValueError(f"run folder {str(folder.path)!r} exists; pass --resume to continue it or --overwrite")
-        shutil.rmtree(folder.path)
-    with torch_threads(config.threads):
-        return _train(algorithm, config, folder, resume, progress, after_iteration)
+    with folder.lock():
+        if not resume and folder.exists():
+            if not overwrite:
+                raise ValueError(f"run folder {str(folder.path)!r} exists; pass --resume to continue it or "
+                                 "--overwrite")
+            folder.clear()
+        with torch_threads(config.threads):
+            return _train(algorithm, config, folder, resume, progress, after_iteration)
 
 
 def _train(algorithm: str, config: RunConfig, folder: RunFolder, resume: bool, progress: bool | None,

@@ -141,8 +141,9 @@ def plot_curves(
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for label, group in group_by_config(folders).items():
         curves = [metric_series(f.read_metrics(), x, y, x_max) for f in group]
-        if x_max is not None and not any(xs for xs, _ in curves):
-            raise ValueError(f"{label}: no run has a {y!r} row with {x} <= {x_max:g}")
+        if not any(len(xs) for xs, _ in curves):
+            limit = "" if x_max is None else f" with {x} <= {x_max:g}"
+            raise ValueError(f"{label}: no run has a row with both {x!r} and {y!r}{limit}")
         grid, mean, low, high, _ = seed_band(curves)
         ends = [xs[-1] for xs, _ in curves if len(xs)]
         ax.plot(grid, mean, label=seeds_label(label, len(ends), ends))

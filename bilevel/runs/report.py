@@ -46,8 +46,11 @@ def _parse(arguments: str, where: str) -> tuple[list[Path], dict[str, str]]:
             patterns.append(word)
     folders = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        folders += [Path(m) for m in matches if Path(m).is_dir()]
+        matches = [Path(m) for m in (sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])]
+        matches = [m for m in matches if m.is_dir()]
+        if not matches:
+            raise ValueError(f"{where}: no folder matches {pattern!r}")
+        folders += matches
     if not folders:
         raise ValueError(f"{where}: no run or sweep folder matches {patterns}")
     return expand_sweeps(folders), options
@@ -60,8 +63,18 @@ def _x_max(options: dict[str, str], where: str) -> float | None:
         raise ValueError(f"{where}: xmax must be a number; got {options['xmax']!r}") from None
 
 
+def _last(options: dict[str, str], where: str) -> int:
+    try:
+        last = int(options.get("last", 5))
+    except ValueError:
+        raise ValueError(f"{where}: last must be a positive integer; got {options['last']!r}") from None
+    if last < 1:
+        raise ValueError(f"{where}: last must be a positive integer; got {last}")
+    return last
+
+
 def _summary(folders: list[Path], options: dict[str, str], where: str) -> str:
-    metrics, last = options.get("metric", "return").split(","), int(options.get("last", 5))
+    metrics, last = options.get("metric", "return").split(","), _last(options, where)
     x, x_max = options.get("x", "env_steps"), _x_max(options, where)
     rows_by_metric = {metric: summary_rows(folders, metric, last, x=x, x_max=x_max) for metric in metrics}
     for metric, rows in rows_by_metric.items():
@@ -76,13 +89,38 @@ def _curves(folders: list[Path], options: dict[str, str], report: Path, where: s
     if "out" not in options:
         raise ValueError(f"{where}: a curves block needs out=FILE.png")
     y, x = options.get("y", "return"), options.get("x", "env_steps")
-    plot_curves(folders, report.parent / options["out"], x=x, y=y, x_max=_x_max(options, where))
+    try:
+        plot_curves(folders, report.parent / options["out"], x=x, y=y, x_max=_x_max(options, where))
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     return f"![{y} against {x}]({options['out']})\n"
 
 
 def _location(report: Path, text: str, match: re.Match[str]) -> str:
     """``file:line`` of the block ``match`` found in ``text``, lines counted from 1."""
     return f"{report}:{text.count(chr(10), 0, match.start()) + 1}"
+
+
+_OPENING = re.compile(r"<!-- bilevel:(summary|curves) ")
+_END = "<!-- bilevel:end -->"
+
+
+def _check_markers(report: Path, text: str) -> None:
+    """Every block opening is followed by its end marker before the next opening, and no end marker is
+    unmatched: a missing one would let a block's body run on over the prose and the next block."""
+    expecting_end_since: int | None = None
+    for match in re.finditer(rf"{_OPENING.pattern}|{re.escape(_END)}", text):
+        line = text.count("\n", 0, match.start()) + 1
+        if match.group(0) == _END:
+            if expecting_end_since is None:
+                raise ValueError(f"{report}:{line}: {_END} without an opening block marker")
+            expecting_end_since = None
+        elif expecting_end_since is not None:
+            raise ValueError(f"{report}:{expecting_end_since}: the block has no {_END} before the next block")
+        else:
+            expecting_end_since = line
+    if expecting_end_since is not None:
+        raise ValueError(f"{report}:{expecting_end_since}: the block has no {_END}")
 
 
 def figure_conflicts(reports: list[str | Path]) -> list[str]:
@@ -124,6 +162,7 @@ def regenerate(report: str | Path) -> int:
     if conflicts:
         raise ValueError("; ".join(conflicts))
     text = path.read_text()
+    _check_markers(path, text)
     count = 0
 
     def rewrite(match: re.Match[str]) -> str:

@@ -116,10 +116,16 @@ def expand_spec(spec: dict[str, Any]) -> list[Trial]:
         if "algorithm" not in group:
             raise ValueError("every [[group]] needs an `algorithm`")
         overrides = dict(group.get("overrides", {}))
+        for key in ("algorithm", "env"):
+            if key in group and not _as_list(group[key]):
+                raise ValueError(f"[[group]] `{key}` must list at least one value; got []")
         for algorithm, env, seed in itertools.product(
             _as_list(group["algorithm"]), _as_list(group.get("env", "")), seeds
         ):
             grid_keys = sorted(k for k, v in overrides.items() if _is_grid(algorithm, k, v))
+            empty = [k for k in grid_keys if not overrides[k]]
+            if empty:
+                raise ValueError(f"the grid axis `{empty[0]}` of {algorithm!r} lists no value; got []")
             for grid_values in itertools.product(*(overrides[k] for k in grid_keys)):
                 values = {**overrides, **dict(zip(grid_keys, grid_values, strict=True)), "env": env, "seed": seed}
                 config = make_config(algorithm, values)
@@ -156,7 +162,9 @@ def _run_trial(trial: Trial, run_dir: str, fault: tuple[int, int] | None) -> dic
                 os._exit(1)
 
     config = make_config(trial.algorithm, trial.values)
-    learner = train(trial.algorithm, config, run_path, resume=resume, progress=False, after_iteration=after_iteration)
+    # A retry of a trial that died before its first checkpoint starts it again from scratch.
+    learner = train(trial.algorithm, config, run_path, resume=resume, overwrite=not resume, progress=False,
+                    after_iteration=after_iteration)
     return {"trial": trial.name, "iteration": learner.iteration, "env_steps": learner.env_steps}
 
 

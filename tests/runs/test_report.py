@@ -228,3 +228,28 @@ def test_one_report_drawing_one_figure_twice_differently_is_refused(runs):
     with pytest.raises(ValueError, match=r"report\.md:3 and .*report\.md:1 both draw r\.png"):
         regenerate(report)
     assert report.read_text() == original and not (runs / "r.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("<!-- bilevel:summary runs/lr0.1-* -->\nold\nprose\n<!-- bilevel:summary runs/lr0.5-s0 -->\nold\n"
+         "<!-- bilevel:end -->\n", r"report\.md:1: the block has no <!-- bilevel:end --> before the next"),
+        ("prose\n<!-- bilevel:summary runs/lr0.1-* -->\nold\n", r"report\.md:2: the block has no"),
+        ("prose\n<!-- bilevel:end -->\n", r"report\.md:2: .* without an opening"),
+        ("<!-- bilevel:summary runs/lr0.1-s0 runs/lr0.1-typo -->\nold\n<!-- bilevel:end -->\n",
+         r"report\.md:1: no folder matches 'runs/lr0\.1-typo'"),
+        ("<!-- bilevel:summary runs/lr0.1-* last=0 -->\nold\n<!-- bilevel:end -->\n", r"report\.md:1: last .* 0"),
+        ("<!-- bilevel:summary runs/lr0.1-* last=five -->\nold\n<!-- bilevel:end -->\n", r"report\.md:1: last.*'five'"),
+        ("<!-- bilevel:curves runs/lr0.1-* y=nonexistent out=c.png -->\nold\n<!-- bilevel:end -->\n",
+         r"report\.md:1: .*'nonexistent'"),
+    ],
+)
+def test_malformed_blocks_are_named_with_their_line_and_nothing_is_written(runs, text, message):
+    """A missing end marker would let a block swallow the prose and the next block; a mistyped folder would
+    silently drop out of the mean; ``last=0`` would average every row."""
+    report = runs / "report.md"
+    report.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        regenerate(report)
+    assert report.read_text() == text

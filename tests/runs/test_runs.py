@@ -265,3 +265,61 @@ def test_seed_band_covers_the_true_mean_95_percent_of_the_time(seeds):
         _, _, low, high, _ = seed_band([([0.0, 1.0], [v, v]) for v in values], points=2)
         covered += bool(low[0] <= 1.0 <= high[0])
     assert abs(covered / trials - 0.95) < 4 * np.sqrt(0.95 * 0.05 / trials)
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run_and_a_missing_device_deletes_nothing(tmp_path, capsys):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text('{"name": "something else"}')
+    (project / "src" / "main.py").write_text("print(1)\n")
+    base = ["train", "test-bandit", "--iterations", "2", "--no-progress", "--overwrite"]
+    assert cli.main([*base, "--device", "cpu", "--run-dir", str(project)]) == 2
+    assert "not a run's" in capsys.readouterr().err and (project / "src" / "main.py").exists()
+    run = tmp_path / "run"
+    assert cli.main([*base, "--device", "cpu", "--run-dir", str(run)]) == 0
+    before = (run / "metrics.csv").read_text()
+    assert cli.main([*base, "--device", "cuda:7", "--run-dir", str(run)]) == 2
+    assert "cuda:7" in capsys.readouterr().err and (run / "metrics.csv").read_text() == before
+
+
+def test_a_second_process_cannot_train_into_a_locked_folder(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    with folder.lock():
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(1) as pool:
+            error = pool.apply(_train_bandit_reporting_error, (str(folder.path),))
+    assert "in use by another process" in error
+    assert not (folder.path / "config.json").exists()
+    train("test-bandit", bandit_config(iterations=2), folder.path, progress=False)
+    assert not (folder.path / ".lock").exists() and len(folder.read_metrics()) == 2
+
+
+def _train_bandit_reporting_error(run_dir):
+    """Runs in a spawned process, which registers "test-bandit" by importing this module."""
+    try:
+        train("test-bandit", bandit_config(iterations=2), run_dir, progress=False)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        train("test-bandit", bandit_config(iterations=2), tmp_path / "run", progress=False)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "run" / "config.json", tmp_path / "run" / "checkpoints" / "last.pt"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+@pytest.mark.parametrize(("values", "message"), [({"iterations": "5"}, "`iterations` must be int; got '5'"),
+                                                 ({"seed": 0.5}, "`seed` must be int"),
+                                                 ({"lr": True}, "`lr` must be float")])
+def test_config_values_of_the_wrong_type_are_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        make_config("test-bandit", values)

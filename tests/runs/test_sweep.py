@@ -77,6 +77,8 @@ def test_sweep_retries_a_killed_trial_from_its_checkpoint_and_resume_skips_finis
         (lambda s: s["group"][0]["overrides"].update(no_such_key=1), "no_such_key"),
         (lambda s: s.update(seeds=[]), "seeds"),
         (lambda s: s["resources"].update(gpus=1), "gpus"),
+        (lambda s: s["group"][0]["overrides"].update(tasks_per_batch=[]), "tasks_per_batch"),
+        (lambda s: s["group"][0]["overrides"].update(iterations="3"), "iterations"),
     ],
 )
 def test_bad_spec_exits_2_before_anything_starts(tmp_path, capsys, change, message):
@@ -125,3 +127,16 @@ def _to_toml(value, prefix=""):
         lines.append(f"[[{name}]]" if is_array else f"[{name}]")
         lines.append(_to_toml(table, prefix=f"{name}."))
     return "\n".join(lines) + "\n"
+
+
+def test_a_trial_killed_before_its_first_checkpoint_is_retried_from_scratch(tmp_path):
+    """Its folder holds a config but no checkpoint: the retry must start it again, not refuse the folder."""
+    one = spec()
+    one["seeds"] = [0]
+    one["group"] = one["group"][:1]
+    one["group"][0]["overrides"]["checkpoint_every"] = 3
+    sweep_dir = tmp_path / "sweep"
+    result = run_sweep(one, sweep_dir, fault=(2, 0))
+    (trial,) = expand_spec(one)
+    assert len(result["ran"]) == 1 and (sweep_dir / trial.name / ".fault-injected").exists()
+    assert len((sweep_dir / trial.name / "metrics.csv").read_text().splitlines()) == 1 + 3
