@@ -26,6 +26,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +40,7 @@ try:
 except ImportError:  # not on Windows: no lock there
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["MetricsWriter", "RunFolder", "archive", "atomic_save", "atomic_write_text", "final_mean"]
+__all__ = ["MetricsWriter", "RunFolder", "archive", "atomic_save", "atomic_write_text", "final_mean", "load_saved"]
 
 
 def _atomic_write(path: Path, mode: str, write: Callable[[IO[Any]], object]) -> None:
@@ -65,6 +66,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def load_saved(path: Path, map_location: Any = None) -> Any:
+    """``torch.load`` of a file this package saved (a checkpoint, an evaluation state); a file that cannot be
+    read (truncated, corrupted, not a torch file) is a ``ValueError`` naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise ValueError(f"cannot read {str(path)!r}: {error}") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bilevel.runs.folder import MetricsWriter, RunFolder, atomic_save
+from bilevel.runs.folder import MetricsWriter, RunFolder, atomic_save, load_saved
 from bilevel.runs.learner import Learner, RunConfig, get_algorithm, resolve_device
 
 __all__ = ["ANALYSIS_DIR", "evaluate_run", "load_learner", "make_config", "seed_everything", "torch_threads", "train",
@@ -156,7 +156,8 @@ def train(
     """Train ``algorithm`` into ``run_dir`` until ``config.iterations``.
 
     With ``resume=True`` the run continues from its last checkpoint (its saved config
-    with ``config.iterations`` as the new budget) and drops metric rows written after
+    with ``config.iterations`` as the new budget, which a larger budget rewrites into config.json so that
+    a later resume without ``--iterations`` continues to it) and drops metric rows written after
     that checkpoint. Without it, an existing run folder is an error unless
     ``overwrite=True``, which empties it (never a folder whose config.json is not a run's),
     after the device is known to exist. The folder is locked while training: a second process
@@ -174,6 +175,8 @@ def train(
         config = make_config(algorithm, {**saved_values, "iterations": config.iterations,
                                           "threads": config.threads})
     with folder.lock():
+        if resume and config.iterations > saved_values.get("iterations", 0):
+            folder.write_config(algorithm, {**saved_values, "iterations": config.iterations})
         if not resume and folder.exists():
             if not overwrite:
                 raise ValueError(f"run folder {str(folder.path)!r} exists; pass --resume to continue it or "
@@ -190,7 +193,7 @@ def _train(algorithm: str, config: RunConfig, folder: RunFolder, resume: bool, p
     learner = _build(algorithm, config)
     metrics = MetricsWriter(folder.metrics_path)
     if resume:
-        checkpoint = torch.load(folder.checkpoint_path, map_location=learner.device, weights_only=False)
+        checkpoint = load_saved(folder.checkpoint_path, learner.device)
         learner.load_state_dict(checkpoint["state"])
         _set_rng_state(checkpoint["rng"])
         metrics.truncate(learner.iteration)
@@ -242,11 +245,11 @@ def load_learner(run_dir: str | Path, device: str | None = None, *,
                          + (" and no evaluation_state.pt" if evaluation_only else ""))
     learner = _build(algorithm, make_config(algorithm, values))
     if from_evaluation_state:
-        saved = torch.load(folder.evaluation_state_path, map_location=learner.device, weights_only=False)
+        saved = load_saved(folder.evaluation_state_path, learner.device)
         learner.iteration, learner.env_steps = saved["iteration"], saved["env_steps"]
         learner.load_evaluation_state(saved["learner"])
         return algorithm, learner
-    checkpoint = torch.load(folder.checkpoint_path, map_location=learner.device, weights_only=False)
+    checkpoint = load_saved(folder.checkpoint_path, learner.device)
     learner.load_state_dict(checkpoint["state"])
     return algorithm, learner
 

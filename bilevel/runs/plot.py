@@ -138,6 +138,8 @@ def plot_curves(
     """Draw ``y`` against ``x`` (up to ``x_max`` where given) for every config group of ``run_dirs`` into
     ``out`` (PNG)."""
     folders = [RunFolder(d) for d in run_dirs]
+    if not folders:
+        raise ValueError("no run folder to plot")
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for label, group in group_by_config(folders).items():
         curves = [metric_series(f.read_metrics(), x, y, x_max) for f in group]

@@ -37,9 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from bilevel.runs.folder import RunFolder, atomic_write_text, final_mean
+from bilevel.runs.folder import RunFolder, atomic_write_text, final_mean, load_saved
 from bilevel.runs.learner import Learner, get_algorithm
 from bilevel.runs.loop import make_config, train
 
@@ -143,7 +141,7 @@ def trial_finished(run_dir: Path, iterations: int) -> bool:
     checkpoint = RunFolder(run_dir).checkpoint_path
     if not checkpoint.exists():
         return False
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]
+    state = load_saved(checkpoint, "cpu")["state"]
     return state["iteration"] >= iterations
 
 

@@ -323,3 +323,29 @@ def test_run_files_follow_the_umask(tmp_path):
 def test_config_values_of_the_wrong_type_are_named(values, message):
     with pytest.raises(ValueError, match=message):
         make_config("test-bandit", values)
+
+
+def test_a_bare_resume_continues_to_the_last_budget_asked_for(tmp_path, monkeypatch, capsys):
+    """Trained to 4, resumed towards 12 and killed in iteration 10 (checkpoint at 8): a resume without
+    --iterations goes on to 12, rather than stopping at the first budget, 4, and dropping row 9."""
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "test-bandit", "--iterations", "4", "--checkpoint-every", "4", "--device", "cpu",
+                     "--run-dir", run, "--no-progress"]) == 0
+    monkeypatch.setattr(BanditLearner, "kill_in_iteration", 10)
+    with pytest.raises(SimulatedKill):
+        cli.main(["train", "test-bandit", "--resume", run, "--iterations", "12", "--no-progress"])
+    monkeypatch.setattr(BanditLearner, "kill_in_iteration", 0)
+    assert cli.main(["train", "test-bandit", "--resume", run, "--no-progress"]) == 0
+    assert [int(r["iteration"]) for r in metric_rows(tmp_path / "run")] == list(range(1, 13))
+    assert RunFolder(run).read_config()[1]["iterations"] == 12
+
+
+def test_a_corrupted_checkpoint_is_named_on_resume_and_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    train("test-bandit", bandit_config(iterations=2), run, progress=False)
+    checkpoint = RunFolder(run).checkpoint_path
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    assert cli.main(["train", "test-bandit", "--resume", str(run), "--iterations", "3", "--no-progress"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert cli.main(["eval", str(run)]) == 2
+    assert "last.pt" in capsys.readouterr().err
