@@ -11,10 +11,11 @@
     bilevel list
 
 Every config field of the algorithm is an option (``attention_weight`` is
-``--attention-weight``); ``--threads N`` (default 1, 0 for torch's default) caps torch's
-CPU threads for every algorithm. Bad input (an unknown algorithm, env, option or device,
-a negative budget) prints one line naming it and exits with status 2, before anything
-is written.
+``--attention-weight``); ``--threads N`` (default 1, and 0 for mbmpo; 0 means torch's default)
+caps torch's CPU threads for every algorithm. Bad input (an unknown algorithm, env, option or
+device, a negative budget) prints an error naming it (after argparse's usage text, for an
+unknown option or a value of the wrong type) and exits with status 2, before anything is
+written.
 """
 
 from __future__ import annotations

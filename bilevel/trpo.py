@@ -140,7 +140,7 @@ def trpo_step(
             it must return the same numbers. Default: the two functions called in turn.
 
     Returns:
-        ``(new_params, TRPOInfo)``; ``new_params`` is ``params`` itself when no
+        ``(new_params, TRPOInfo)``; ``new_params`` is a detached copy of ``params`` (the same values) when no
         step both lowered the loss and kept the KL within ``max_kl``.
     """
     _check(max_kl, cg_iters, damping, backtrack_ratio, max_backtracks)

@@ -6,7 +6,8 @@ two CPU cores); pytorch-maml-rl's budget is
 
     --iterations 500 --meta-batch-size 40 --episodes-per-task 20 --horizon 200
 
-(1.6 million environment steps per 10 iterations). The run folder holds the config, the
+(3.2 million environment steps per 10 iterations, the training and the validation batches
+both counted). The run folder holds the config, the
 metrics (CSV, TensorBoard), the checkpoint and ``eval.json``; ``--resume`` continues it.
 
 Run: .venv/bin/python examples/maml_trpo_halfcheetah.py [--iterations 5] [--run-dir runs/maml-trpo-cheetah]

@@ -8,7 +8,7 @@ and draws the alpha sweep, the adaptation curves and the |da/ds| heatmaps with `
 The default budget is small enough for a 2-core CPU (about 1k real steps per iteration, 5 meta-steps
 on 10 imagined trajectories of 50 steps per model); ``--paper`` uses the config defaults, MB-MPO's
 budget (4k real steps per iteration, 30 meta-steps, 50 x 200 imagined steps per model). The long runs of
-``docs/reproductions/min-attention.md`` are ``runs/min-attention/run.sh`` (quoted there).
+``docs/reproductions/min-attention.md`` are ``docs/reproductions/min-attention/run.sh`` (quoted there).
 
 The same from the command line:
 
