@@ -1,10 +1,11 @@
 """Meta attention (MATT) for off-policy actor-critic, over DDPG, TD3 and SAC.
 
 The attention net ``f_psi`` reads the actor features ``pi_bar(s)`` (Query) and the critic features
-``Q_bar(s, pi(s))`` (Key) and rescales the actor features (Value), which go through the same head::
+``Q_bar(s, pi(s))`` (Key) and rescales the actor features (Value; the attention features of eq. 5), which go
+through the same head::
 
     scale_psi(s)  = 2 sigmoid(f_psi(concat(pi_bar(s), Q_bar(s, pi_phi(s)))))      in (0, 2)^F
-    pi'_psi(s)    = head(pi_bar(s) * scale_psi(s))                                  the attention action (eq. 5)
+    pi'_psi(s)    = head(pi_bar(s) * scale_psi(s))                                  the attention action
 
 Per actor update, with a train batch ``d_trn`` and an independent validation batch ``d_val``::
 
@@ -31,7 +32,14 @@ one critic-feature pass ``Q_bar(s, pi_phi(s))`` serves the attention net's Key a
   gradient of the attention-action loss of eq. 9 (``auxiliary_trains_actor``), not
   ``phi <- phi_new`` as Algorithm 1 writes, and the gradient of ``L_att`` reaches only ``psi``
   (``meta_loss_trains_actor=False``). We take the attention-action gradient at ``phi`` rather than
-  at the authors' ``phi_old``, a first-order difference in ``eta``.
+  at the authors' ``phi_old``, a first-order difference in ``eta``, and on ``d_trn`` as eq. 9 writes,
+  where the authors' code evaluates the attention-action loss of eq. 9, and the actor losses at
+  ``phi_old`` and ``phi_new``, all on the validation states (so there eq. 9's step and the actor's
+  auxiliary gradient come from ``d_val``).
+
+Batches: the loop's ``batch_size`` (default 256, as CleanRL's and Stable-Baselines3's TD3) sizes both
+``d_trn`` and ``d_val``; the authors draw two independent batches of 128, as the reproductions do with
+``--batch-size 128`` for every learner.
 
 Dance twice (section 3.3): at decision time the actor executes whichever of ``pi_phi(s)`` and
 ``pi'_psi(s)`` has the higher ``Q1`` (SAC: the higher ``Q1`` of the two means, then a sample from the

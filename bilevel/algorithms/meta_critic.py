@@ -9,6 +9,9 @@ A learned auxiliary loss ``h_omega`` on the actor features is added to the actor
     L_meta(omega) = tanh(L_actor(phi_new; d_val) - L_actor(phi_old; d_val))         (eq. 4, the utility negated)
     actor step on grad (L_actor + L_aux)(phi)
 
+The authors' code takes eq. 9's auxiliary gradient at ``phi`` (the learned loss is evaluated before the
+first look-ahead step) rather than at ``phi_old``, a first-order difference in ``eta``.
+
 ``h_omega`` is the authors' 128 -> 256 -> 128 -> 1 MLP (the MATT authors' ``Meta_Critic``). Watch
 ``meta_loss``, ``meta_grad_norm`` and ``meta_net_norm``: with the authors' Adam (1e-4, weight decay 1e-4 added
 to the gradient) a meta-gradient far below ``1e-4 * omega`` lets the decay drive ``omega`` to zero, after which
