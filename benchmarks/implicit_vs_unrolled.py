@@ -6,7 +6,7 @@ outer loss the validation cross-entropy. The unrolled hypergradient differentiat
 the K steps (`unroll`); the implicit one runs the same K steps without a graph and solves
 one linear system by CG (`implicit_root`). Each configuration runs in its own process, and
 its memory is the growth of the peak resident set over a one-step warm-up of the same
-method (on CUDA, the peak allocated by torch).
+method. It runs on the CPU only.
 
 Run: ``.venv/bin/python benchmarks/implicit_vs_unrolled.py [--steps 10 100 1000]``
 """

@@ -58,6 +58,8 @@ class _ActorCriticNetwork(ObsActionModule):
         activation: ActivationFactory = nn.ReLU,
     ) -> None:
         super().__init__(obs_dim, act_dim)
+        if not hidden:
+            raise ValueError(f"`hidden` must name at least one layer (its last is the feature size); got {hidden!r}")
         self._build(hidden, activation)
 
     def _build(self, hidden: Sequence[int], activation: ActivationFactory) -> None:

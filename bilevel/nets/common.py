@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 
@@ -15,7 +16,12 @@ __all__ = ["ActivationFactory", "ObsActionModule", "check_last_dim", "check_posi
 
 def mlp(sizes: Sequence[int], activation: ActivationFactory, *, activate_last: bool = False) -> nn.Sequential:
     """Linear layers ``sizes[0] -> sizes[1] -> ... -> sizes[-1]`` with ``activation``
-    after every layer but the last (after the last too when ``activate_last``)."""
+    after every layer but the last (after the last too when ``activate_last``); every size an int >= 1
+    (a width of 0 would make a network that ignores its input)."""
+    if len(sizes) < 2:
+        raise ValueError(f"`sizes` must name an input and an output size; got {tuple(sizes)}")
+    for size in sizes:
+        check_positive(size, "every layer size")
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(pairwise(sizes)):
         layers.append(nn.Linear(fan_in, fan_out))
@@ -46,9 +52,9 @@ def check_last_dim(tensor: Tensor, size: int, name: str) -> None:
 
 
 def check_positive(value: int, name: str) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value >= 1``."""
-    if value < 1:
-        raise ValueError(f"`{name}` must be at least 1; got {value}")
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer ``>= 1``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}")
 
 
 class ObsActionModule(nn.Module):

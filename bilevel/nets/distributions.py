@@ -60,6 +60,11 @@ class DiagGaussian(Independent):
         with torch.no_grad():
             return self.rsample(sample_shape, generator)
 
+    def expand(self, batch_shape: _SizeLike, _instance: DiagGaussian | None = None) -> DiagGaussian:
+        """The same law over ``batch_shape`` (mean and log-std broadcast to it)."""
+        shape = torch.Size(batch_shape) + self.event_shape
+        return DiagGaussian(self.mean.expand(shape), self.log_std.expand(shape))
+
     def entropy(self) -> Tensor:
         """``sum_i (log s_i + (1 + log 2 pi) / 2)``, shape ``batch_shape``."""
         return torch.sum(self.log_std + 0.5 * (1.0 + math.log(2.0 * math.pi)), dim=-1)
@@ -81,6 +86,11 @@ class TanhGaussian(TransformedDistribution):
 
     def __init__(self, mean: Tensor, log_std: Tensor) -> None:
         super().__init__(DiagGaussian(mean, log_std), [TanhTransform(cache_size=1)], validate_args=False)
+
+    def expand(self, batch_shape: _SizeLike, _instance: TanhGaussian | None = None) -> TanhGaussian:
+        """The same law over ``batch_shape``."""
+        base = self.base_dist.expand(batch_shape)
+        return TanhGaussian(base.mean, base.log_std)
 
     @property
     def mode(self) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,6 +34,8 @@ class GaussianMLPPolicy(ObsActionModule):
     ) -> None:
         super().__init__(obs_dim, act_dim)
         self.mean_net = mlp((obs_dim, *hidden, act_dim), activation)
+        if not math.isfinite(init_log_std):
+            raise ValueError(f"`init_log_std` must be finite; got {init_log_std}")
         self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
 
     def forward(self, obs: Tensor) -> DiagGaussian:

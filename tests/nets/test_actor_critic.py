@@ -134,3 +134,16 @@ def test_bad_arguments_raise_value_errors_naming_them():
     with pytest.raises(ValueError, match="`prefix`"):
         subtree(params_of(QCritic(3, 2)), "attention")
     assert math.isfinite(TanhGaussianActor(3, 2)(torch.zeros(1, 3)).mode.sum().item())
+
+
+@pytest.mark.parametrize(("build", "message"), [(lambda: DeterministicActor(4, 2, hidden=()), "`hidden`"),
+                                                (lambda: TanhGaussianActor(4, 2, hidden=()), "`hidden`"),
+                                                (lambda: QCritic(4, 2, hidden=(0,)), "layer size.*got 0")])
+def test_bad_sizes_are_named(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_tanh_gaussian_expands():
+    law = TanhGaussian(torch.zeros(5, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)).expand((2, 5))
+    assert law.batch_shape == (2, 5) and law.sample().shape == (2, 5, 3)

@@ -132,3 +132,18 @@ def test_bad_arguments_raise_value_errors_naming_them():
         GaussianMLPPolicy(3, 0)
     with pytest.raises(ValueError, match="`num_actions`"):
         TabularSoftmaxPolicy(4, 0)
+    with pytest.raises(ValueError, match=r"`num_states`.*2.5"):
+        TabularSoftmaxPolicy(2.5, 4)
+    with pytest.raises(ValueError, match=r"layer size.*got 0"):
+        GaussianMLPPolicy(3, 2, hidden=(0,))
+    with pytest.raises(ValueError, match=r"`init_log_std`.*nan"):
+        GaussianMLPPolicy(3, 2, init_log_std=float("nan"))
+
+
+def test_diag_gaussian_expands_like_a_torch_distribution():
+    mean, log_std = torch.randn(5, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    expanded = DiagGaussian(mean, log_std).expand((2, 5))
+    assert expanded.batch_shape == (2, 5) and expanded.event_shape == (3,)
+    value = torch.randn(2, 5, 3, dtype=torch.float64)
+    reference = Independent(Normal(mean.expand(2, 5, 3), log_std.exp().expand(2, 5, 3)), 1)
+    torch.testing.assert_close(expanded.log_prob(value), reference.log_prob(value), rtol=1e-12, atol=0)
