@@ -56,14 +56,19 @@ REPRODUCTION = {
 
 class PhaseTimer:
     """Exclusive time per phase label, wall-clock and this process's CPU time (the latter is what to compare on
-    a machine shared with other jobs): entering a nested phase pauses the enclosing one."""
+    a machine shared with other jobs): entering a nested phase pauses the enclosing one. With a CUDA
+    ``device`` every phase boundary synchronises it, so that queued kernels are charged to the phase that
+    launched them."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.synchronize = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" \
+            else (lambda: None)
         self.wall: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)
         self.stack: list[tuple[str, float, float]] = []
 
     def _charge(self, label: str, wall_start: float, cpu_start: float) -> tuple[float, float]:
+        self.synchronize()
         wall, cpu = time.perf_counter(), time.process_time()
         self.wall[label] += wall - wall_start
         self.cpu[label] += cpu - cpu_start
@@ -191,7 +196,7 @@ def main() -> None:
     results = []
     for _ in range(args.repeats):
         learner.load_state_dict(copy.deepcopy(state))
-        timer = PhaseTimer()
+        timer = PhaseTimer(learner.device)
         with instrument(timer), timer.phase("other"):
             start, cpu_start = time.perf_counter(), time.process_time()
             metrics = learner.step()
