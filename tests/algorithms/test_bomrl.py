@@ -20,8 +20,10 @@ from bilevel.algorithms.bomrl import (
     one_round_gap_bound,
     regularised_lower_bound_gain,
     reverse_kl_adaptation,
+    task_return,
 )
-from bilevel.envs import FrozenLake, stack_mdps
+from bilevel.envs import FrozenLake, stack_mdps, value_iteration
+from bilevel.envs.tabular import discounted_visitation
 from bilevel.inner import adam, unroll
 from bilevel.runs.loop import load_learner, make_config
 
@@ -263,15 +265,37 @@ def test_gap_bound_vanishes_at_the_optimum_and_is_positive_elsewhere(family, dis
     assert bound["bound_gap"] > 0 and bound["bound_1"] < bound["bound_optimal_return"]
     assert bound["bound_optimal_return"] == pytest.approx(1.6383, abs=1e-3)
     single = stack_mdps([family.train_tasks()[0].mdp])
-    optimal_logits = torch.log(
-        torch.nn.functional.one_hot(
-            exact_statistics(single, torch.zeros(1, 16, 4, dtype=torch.float64)).advantages[0].argmax(-1), 4
-        )
-        .to(torch.float64)
-        .clamp(min=1e-12)
-    )
+    optimal = value_iteration(single)
+    greedy = optimal.action_values[0, :16].argmax(-1)
+    optimal_logits = torch.log(torch.nn.functional.one_hot(greedy, 4).to(torch.float64).clamp(min=1e-12))
+    assert float(task_return(single, optimal_logits[None])[0]) == pytest.approx(float(optimal.expected_return[0]),
+                                                                              abs=1e-8)
     near = one_round_gap_bound(optimal_logits, single, 0.1, distance, rounds=1)
-    assert near["bound_gap"] <= bound["bound_gap"]
+    assert near["bound_gap"] < 1e-8 and near["bound_1"] == pytest.approx(float(optimal.expected_return[0]), abs=1e-8)
+
+
+@pytest.mark.parametrize("distance", ["D1", "D2"])
+def test_gap_bound_is_its_formula(family, meta_logits, distance):
+    """``lambda (1 + gamma) / (1 - gamma) E_tau sum_s nu_phi(s) KL_s`` with ``KL_s = KL(pi* || pi_phi)`` for D1 and
+    ``KL(pi_phi || pi*)`` for D2 (probabilities clipped at 1e-4), ``nu_phi`` the meta-policy's discounted visitation
+    normalised over the map's cells, written out per task and state."""
+    tasks = family.train_tasks()[:2]
+    mdps = stack_mdps([task.mdp for task in tasks])
+    lam, rounds = 0.3, 2
+    bound = one_round_gap_bound(meta_logits, mdps, lam, distance, rounds=rounds)
+    total = 0.0
+    for task in tasks:
+        logits = meta_logits
+        for _ in range(rounds):
+            logits = adapt_logits(logits, exact_statistics(task.mdp, logits), lam, distance)
+        star, meta = torch.softmax(logits, -1).clamp(min=1e-4), torch.softmax(meta_logits, -1).clamp(min=1e-4)
+        p, q = (star, meta) if distance == "D1" else (meta, star)
+        visitation = discounted_visitation(task.mdp, torch.softmax(meta_logits, -1))[:16]
+        weights = visitation / visitation.sum()
+        total += sum(float(weights[s]) * float((p[s] * (p[s] / q[s]).log()).sum()) for s in range(16))
+    gamma = float(mdps.gamma)
+    assert bound["bound_kl"] == pytest.approx(total / len(tasks), rel=1e-9)
+    assert bound["bound_gap"] == pytest.approx(lam * (1 + gamma) / (1 - gamma) * total / len(tasks), rel=1e-9)
 
 
 def test_model_estimator_is_exact_on_a_deterministic_map_once_every_reachable_pair_is_tried(family, meta_logits):

@@ -110,6 +110,42 @@ def test_batched_adaptation_and_objective_equal_a_loop_over_tasks():
     assert float(meta_kl(params)) > 0
 
 
+def test_meta_kl_is_kl_from_the_data_collecting_policy_to_the_new_one():
+    """Away from theta_old, ``meta_kl(theta)`` is ``mean_tasks mean_valid KL(pi_old(.|s) || pi_{theta'(theta)}(.|s))``
+    as `torch.distributions.kl_divergence` computes it from the two policies on the validation states, and not
+    the reverse ``KL(new || old)`` (the two agree to second order at theta_old, so TRPO's Fisher cannot tell)."""
+    policy, params = float64_policy(hidden=(8,))
+    train_batch, valid_batch, _ = synthetic_tasks(3, policy, params)
+    inner = InnerLoop(policy, lr=0.1, steps=1)
+    collecting = tree.detach(adapt_tasks(params, train_batch, inner))
+    behaviour = behaviour_of(policy, collecting, valid_batch)
+    _, meta_kl = meta_objectives(train_batch, valid_batch, behaviour, inner)
+    generator = torch.Generator().manual_seed(7)
+    moved = tree.map(lambda p: p + 0.3 * torch.randn(p.shape, generator=generator, dtype=DTYPE), params)
+
+    def distribution(task_params: dict, obs: torch.Tensor) -> torch.distributions.Distribution:
+        mean = torch.func.functional_call(policy.mean_net, {name.removeprefix("mean_net."): value for name, value
+                                                            in task_params.items() if name != "log_std"}, (obs,))
+        return torch.distributions.Independent(torch.distributions.Normal(mean, task_params["log_std"].exp()), 1)
+
+    forward, reverse = [], []
+    for task in range(TASKS):
+        train_task = TaskData(*(field[task] for field in train_batch))
+        obs, valid = valid_batch.obs[task], valid_batch.valid[task].to(DTYPE)
+        old = distribution({name: value[task] for name, value in collecting.items()}, obs)
+        new = distribution(adapt(moved, train_task, inner), obs)
+        forward.append((torch.distributions.kl_divergence(old, new) * valid).sum() / valid.sum())
+        reverse.append((torch.distributions.kl_divergence(new, old) * valid).sum() / valid.sum())
+    expected, reversed_kl = torch.stack(forward).mean(), torch.stack(reverse).mean()
+
+    with torch.no_grad():
+        kl = meta_kl(moved)
+    assert float(expected) > 1e-2
+    assert relative_error(reversed_kl, expected) > 1e-2, "the directions must differ for the test to tell them apart"
+    torch.testing.assert_close(kl, expected, rtol=1e-10, atol=0.0)
+    assert float(meta_kl(params)) < 1e-20
+
+
 @pytest.mark.slow
 def test_meta_training_on_navigation_raises_the_post_adaptation_return(tmp_path):
     config = make_config("maml-trpo", {**TINY_NAVIGATION, "meta_batch_size": 10, "episodes_per_task": 10,

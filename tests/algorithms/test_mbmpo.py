@@ -77,6 +77,49 @@ def test_penalty_gradient_through_unroll_matches_finite_differences():
         torch.testing.assert_close(directional, numeric.detach(), rtol=1e-7, atol=1e-9)
 
 
+def test_one_inner_step_descends_the_policy_gradient_loss_plus_the_penalty():
+    """One `adapt` step is ``theta - beta grad(L_PG + alpha P)(theta)`` with ``L_PG = -mean_valid[log pi(a|s) A]`` and
+    ``P = alpha_x mean_valid ||d mu / d s||_F^2 + alpha_t mean_valid-pairs ||(mu(s_t+1) - mu(s_t)) / dt||^2`` written
+    here from their definitions, for ``alpha > 0`` (so the penalty is added, not subtracted), on ragged episodes."""
+    generator = torch.Generator().manual_seed(8)
+    policy, meta_params = small_policy()
+    data = random_data(generator, steps=6, batch=4)
+    lengths = torch.tensor([6, 2, 4, 1])
+    valid = torch.arange(6)[:, None] < lengths
+    data = TaskData(data.obs, data.actions, data.advantages * valid, valid)
+    alpha, spatial_weight, temporal_weight, dt, lr = 0.7, 1.0, 0.3, 0.1, 0.05
+    inner = InnerLoop(policy, lr=lr, steps=1, penalty=AttentionPenalty(alpha, spatial_weight, temporal_weight, dt))
+
+    def mean_action(params, obs):
+        return functional_call(policy.mean_net, {name.removeprefix("mean_net."): value for name, value
+                                                 in params.items() if name != "log_std"}, (obs,))
+
+    def masked_mean(values, mask):
+        mask = mask.to(values.dtype)
+        return (values * mask).sum() / mask.sum()
+
+    def pg_loss(params):
+        normal = torch.distributions.Normal(mean_action(params, data.obs), params["log_std"].exp())
+        return -masked_mean(normal.log_prob(data.actions).sum(-1) * data.advantages, valid)
+
+    def penalty(params):
+        jacobians = vmap(vmap(torch.func.jacrev(lambda s: mean_action(params, s))))(data.obs)
+        spatial = masked_mean(jacobians.pow(2).sum((-2, -1)), valid)
+        means = mean_action(params, data.obs)
+        rates = ((means[1:] - means[:-1]) / dt).pow(2).sum(-1)
+        temporal = masked_mean(rates, valid[1:] & valid[:-1])
+        return spatial_weight * spatial + temporal_weight * temporal
+
+    def descended(sign):
+        gradient = torch.func.grad(lambda p: pg_loss(p) + sign * alpha * penalty(p))(meta_params)
+        return tree.ravel(tree.map(lambda p, g: p - lr * g, meta_params, gradient))[0]
+
+    expected, wrong_sign = descended(1.0), descended(-1.0)
+    step = tree.ravel(adapt(meta_params, data, inner))[0]
+    assert float((expected - wrong_sign).norm()) > 1e-3
+    torch.testing.assert_close(step, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_batched_inner_step_equals_a_loop_over_models():
     generator = torch.Generator().manual_seed(1)
     policy, meta_params = small_policy()

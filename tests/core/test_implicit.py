@@ -260,3 +260,22 @@ def test_integer_meta_arguments_are_constants():
     leaf = lam.clone().requires_grad_()
     outer_loss(ridge(init, leaf, labels)["w"], target).backward()
     torch.testing.assert_close(leaf.grad, exact, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("solve", [{"solve": "dense"}, {"solve": "normal_cg", "tol": 1e-14}])
+def test_a_non_symmetric_optimality_condition_solves_the_transposed_system(solve):
+    """``F(x, theta) = A x - B theta`` with a non-symmetric ``A``: ``x* = A^{-1} B theta`` and the hypergradient
+    of ``||x* - t||^2`` is ``B^T A^{-T} 2 (x* - t)``. A backward pass that solved ``(dF/dx) u = -v`` instead of
+    the transposed system would be right only for symmetric ``dF/dx`` (every gradient-of-an-objective case)."""
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(4, 4, generator=g, dtype=DTYPE) + 4 * torch.eye(4, dtype=DTYPE)
+    A = A + 2.0 * torch.triu(torch.ones(4, 4, dtype=DTYPE), 1)
+    B = torch.randn(4, 3, generator=g, dtype=DTYPE)
+    target = torch.randn(4, generator=g, dtype=DTYPE)
+    theta = torch.randn(3, generator=g, dtype=DTYPE)
+    root = implicit_root(lambda x, theta: A @ x - B @ theta, **solve)(
+        lambda init, theta: torch.linalg.solve(A, B @ theta))
+    ours = torch.func.grad(lambda th: ((root(torch.zeros(4, dtype=DTYPE), th) - target) ** 2).sum())(theta)
+    x_star = torch.linalg.solve(A, B @ theta)
+    exact = B.T @ torch.linalg.solve(A.T, 2 * (x_star - target))
+    torch.testing.assert_close(ours, exact, rtol=1e-9, atol=1e-12)

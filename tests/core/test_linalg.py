@@ -137,6 +137,22 @@ def test_minres_over_trees_under_vmap_equals_a_loop():
         torch.testing.assert_close(residual, looped_residual, rtol=1e-12, atol=1e-14)
 
 
+def test_dense_solves_non_symmetric_systems():
+    g = torch.Generator().manual_seed(8)
+    A = torch.randn(5, 5, generator=g, dtype=DTYPE) + 5 * torch.eye(5, dtype=DTYPE)
+    A = A + 3.0 * torch.triu(torch.ones(5, 5, dtype=DTYPE), 1)
+    b = {"u": torch.randn(2, generator=g, dtype=DTYPE), "v": torch.randn(3, generator=g, dtype=DTYPE)}
+
+    def matvec(t):
+        product = A @ torch.cat([t["u"], t["v"]])
+        return {"u": product[:2], "v": product[2:]}
+
+    x, info = make_solver("dense")(matvec, b)
+    torch.testing.assert_close(torch.cat([x["u"], x["v"]]), torch.linalg.solve(A, torch.cat([b["u"], b["v"]])),
+                               rtol=1e-10, atol=1e-12)
+    assert bool(info.converged)
+
+
 def test_normal_cg_solves_non_symmetric_systems():
     g = torch.Generator().manual_seed(7)
     A = torch.randn(5, 5, generator=g, dtype=DTYPE) + 5 * torch.eye(5, dtype=DTYPE)
@@ -332,3 +348,23 @@ def test_bad_solver_input_is_named(call, message):
     A = spd_matrix(10, 3)
     with pytest.raises(ValueError, match=message):
         call(A, torch.ones(3, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("name", ["cg", "minres", "neumann"])
+@pytest.mark.parametrize("iterations", [2, 4, 6])
+def test_converged_is_exactly_the_residual_meeting_the_tolerance(name, iterations):
+    """``converged`` is ``residual_norm <= tol * ||b||`` with no slack: with the tolerance set just below and
+    just above the residual that ``iterations`` steps reach, the flag is False and then True."""
+    A = spd_matrix(12, 10, condition=50.0)
+    b = torch.randn(10, dtype=DTYPE, generator=torch.Generator().manual_seed(13))
+    options = {"step_size": 0.02} if name == "neumann" else {}
+
+    def solve(tol):
+        return make_solver(name, max_iter=iterations, tol=tol, **options)(lambda v: A @ v, b)
+
+    _, info = solve(0.0)
+    reached = float(info.residual_norm / torch.linalg.vector_norm(b))
+    assert reached > 0
+    for factor, expected in ((1 / 1.5, False), (1.5, True)):
+        _, info = solve(reached * factor)
+        assert bool(info.converged) is expected, (factor, reached)

@@ -56,6 +56,23 @@ def test_invalid_steps_break_the_temporal_chain(policy):
     assert per_step.temporal.shape == (4, 1) and float(per_step.temporal[3, 0]) == 0.0
 
 
+def test_invalid_steps_drop_out_of_the_spatial_term(policy):
+    """The spatial term averages ``||da/ds||_F^2`` over the valid steps only (and is 0 at invalid ones per step);
+    the invalid states are moved far out so that counting them would change the mean."""
+    policy_fn, params = policy
+    states = torch.randn(4, 2, 4, dtype=DTYPE)
+    valid = torch.tensor([[True, False], [True, True], [False, True], [True, False]])
+    states[~valid] = 0.3 * states[~valid] + 3.0
+    jacobian_norms = torch.stack([torch.stack([
+        finite_difference_jacobian(lambda s: policy_fn(params, s), states[t, b]).pow(2).sum() for b in range(2)])
+        for t in range(4)])
+    terms = minimum_attention(policy_fn, params, states, dt=0.1, valid=valid)
+    assert float(terms.spatial) == pytest.approx(float(jacobian_norms[valid].mean()), rel=1e-8)
+    assert abs(float(jacobian_norms[valid].mean()) - float(jacobian_norms.mean())) > 1e-3
+    per_step = minimum_attention(policy_fn, params, states, dt=0.1, valid=valid, reduce=False)
+    torch.testing.assert_close(per_step.spatial, torch.where(valid, jacobian_norms, 0.0), rtol=1e-8, atol=1e-10)
+
+
 def test_hutchinson_is_unbiased(policy):
     policy_fn, params = policy
     states = torch.randn(3, 4, 4, dtype=DTYPE)

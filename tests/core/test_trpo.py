@@ -85,6 +85,9 @@ def test_direction_is_the_natural_gradient(inner_steps, hvp_mode):
     step = flat - tree.ravel(new_params)[0]
     expected = info.step_fraction * torch.sqrt(2 * max_kl / (gradient @ natural)) * natural
     torch.testing.assert_close(step, expected, rtol=1e-7, atol=1e-12)
+    full_step_decrease = float(torch.sqrt(2 * max_kl / (gradient @ natural)) * (gradient @ natural))
+    assert info.expected_improvement == pytest.approx(full_step_decrease, rel=1e-7)
+    assert info.expected_improvement == pytest.approx(float(gradient @ step) / info.step_fraction, rel=1e-7)
 
 
 def test_step_that_cannot_improve_leaves_parameters_unchanged():
@@ -139,9 +142,9 @@ def test_settings_give_trpo_step_keywords_and_name_a_bad_value():
 
     from bilevel.trpo import TRPOSettings
 
-    options = TRPOSettings(max_kl=0.02, ls_ratio=0.5).trpo_options()
+    options = TRPOSettings(max_kl=0.02, cg_iters=7, cg_damping=0.3, ls_backtracks=4, ls_ratio=0.5).trpo_options()
     assert set(options) <= set(inspect.signature(trpo_step).parameters)
-    assert options["max_kl"] == 0.02 and options["backtrack_ratio"] == 0.5
+    assert options == {"max_kl": 0.02, "cg_iters": 7, "damping": 0.3, "backtrack_ratio": 0.5, "max_backtracks": 4}
     for bad, name in [({"max_kl": 0.0}, "max_kl"), ({"ls_ratio": 1.0}, "ls_ratio"),
                       ({"cg_iters": 0}, "cg_iters"), ({"cg_damping": -1.0}, "cg_damping")]:
         with pytest.raises(ValueError, match=name):

@@ -263,3 +263,16 @@ def test_fit_does_not_depend_on_adams_implementation(monkeypatch):
     for name, value in used.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, looped[name]), name
+
+
+def test_elites_are_the_members_with_the_lowest_holdout_score_of_the_kept_weights(fitted):
+    """``fit`` keeps each member's best weights and elects the ``num_elites`` lowest holdout scores: the scores it
+    reports are those of the kept weights on the held-out rows, and the elites are their argsort."""
+    ensemble, result = fitted
+    obs, act, next_obs, reward = make_data(1500, seed=1)
+    rows = ensemble.is_holdout
+    torch.testing.assert_close(ensemble.holdout_score(obs[rows], act[rows], next_obs[rows], reward[rows]),
+                               result.holdout_score)
+    lowest = sorted(torch.argsort(result.holdout_score)[: ensemble.num_elites].tolist())
+    assert result.elite_idx.tolist() == lowest == ensemble.elite_idx.tolist()
+    assert len(set(result.holdout_score.tolist())) == ensemble.ensemble_size, "distinct scores make the order strict"

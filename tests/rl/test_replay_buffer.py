@@ -131,6 +131,37 @@ def test_add_vector_step_drops_autoreset_steps():
     assert torch.equal(stored["terminated"], stored["next_obs"][:, 1] == 2)
 
 
+class NeverEnds(EndsAfterTwoSteps):
+    def step(self, action):
+        obs, reward, _, truncated, info = super().step(action)
+        return obs, reward, False, truncated, info
+
+
+def test_add_vector_step_returns_the_next_autoresets_after_truncation_too():
+    """Episodes cut by a three-step time limit: the returned flags are ``terminated | truncated`` (the next
+    step is an autoreset either way), the truncated transitions are stored as truncated, not terminated, and
+    every autoreset step is dropped."""
+    def make():
+        return gym.wrappers.TimeLimit(NeverEnds(), max_episode_steps=3)
+
+    envs = SyncVectorEnv([make, make], autoreset_mode=AutoresetMode.NEXT_STEP)
+    buffer = ReplayBuffer(100, (2,), ())
+    obs, _ = envs.reset(seed=0)
+    is_reset_step = np.zeros(2, dtype=bool)
+    for _ in range(8):
+        actions = np.zeros(2, dtype=np.float32)
+        next_obs, rewards, terminated, truncated, _ = envs.step(actions)
+        returned = buffer.add_vector_step(obs, actions, rewards, next_obs, terminated, truncated, is_reset_step)
+        assert torch.equal(returned, torch.as_tensor(terminated | truncated))
+        is_reset_step, obs = returned, next_obs
+    envs.close()
+    assert len(buffer) == 2 * 6
+    stored = buffer.state_dict()
+    assert not stored["terminated"].any()
+    assert torch.equal(stored["truncated"], stored["next_obs"][:, 1] == 3)
+    torch.testing.assert_close(stored["next_obs"][:, 1], stored["obs"][:, 1] + 1)
+
+
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="capacity"):
         ReplayBuffer(0, (2,), ())
