@@ -1,5 +1,6 @@
 """MATT and Meta-Critic: the meta-gradient through the look-ahead (against finite differences and a
-reference through `bilevel.inner.unroll`), the scale's range, dance twice, the meta interval, every
+reference through `bilevel.inner.unroll`), the learner's actor update against eqs. 8-10 on the batches it
+drew (descending eq. 8, a fresh validation batch), the scale's range, dance twice, the meta interval, every
 variant from the CLI, and TD3-MATT-DT learning Pendulum."""
 
 import functools
@@ -356,3 +357,125 @@ def test_a_dead_attention_net_makes_the_actor_step_its_base_learners(float64, ba
         assert torch.allclose(param.grad, 2 * expected.grad, rtol=1e-12, atol=1e-15), name
         assert torch.allclose(param, expected, rtol=0, atol=1e-3 * learner.config.actor_lr), name
         assert (param - start).abs().max() > 0.5 * learner.config.actor_lr, name
+
+
+def lookahead_learner(algorithm, layers="first"):
+    """A float64 learner (under the `float64` fixture) with 64 random transitions and sharpened attention,
+    one critic update and then an actor update on every `gradient_update`."""
+    learner = build(algorithm, actor_lr=0.3, policy_frequency=1, buffer_size=64, lookahead_layers=layers)
+    generator = torch.Generator().manual_seed(5)
+    learner.buffer.add(torch.randn(64, 3, generator=generator) * 2, torch.rand(64, 1, generator=generator) * 2 - 1,
+                       torch.randn(64, generator=generator), torch.randn(64, 3, generator=generator) * 2,
+                       torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.bool))
+    sharpen_attention(learner, 3.0)
+    return learner
+
+
+def record_actor_update(learner):
+    """Run one `gradient_update` and return what its `actor_update` saw: the actor and meta-net parameters at
+    entry, d_trn (its ``obs``), the batches it drew from ``learner.buffer`` itself, the reparameterisation
+    noises it drew, and its metrics. SAC's temperature is put back to its value at entry."""
+    seen = {"samples": [], "noises": []}
+    sample, noise, update = learner.buffer.sample, learner.actor_noise, learner.actor_update
+
+    def recording_sample(*args, **kwargs):
+        batch = sample(*args, **kwargs)
+        if "obs" in seen:
+            seen["samples"].append(batch)
+        return batch
+
+    def recording_noise(batch_size):
+        seen["noises"].append(noise(batch_size))
+        return seen["noises"][-1]
+
+    def spy(obs):
+        seen["obs"] = obs.clone()
+        seen["actor"] = {k: v.detach().clone() for k, v in learner.actor_params().items()}
+        seen["meta"] = {k: v.detach().clone() for k, v in tree.params_of(learner.meta_net).items()}
+        seen["metrics"] = update(obs)
+        return seen["metrics"]
+
+    learner.buffer.sample, learner.actor_noise, learner.actor_update = recording_sample, recording_noise, spy
+    temperature = learner.log_alpha.detach().clone() if hasattr(learner, "log_alpha") else None
+    try:
+        learner.gradient_update()
+    finally:
+        del learner.buffer.sample, learner.actor_noise, learner.actor_update
+    if temperature is not None:  # SAC's actor loss reads the temperature its after_actor_step then tuned
+        with torch.no_grad():
+            learner.log_alpha.copy_(temperature)
+    return seen
+
+
+def reference_meta_loss(learner, actor, meta, train_obs, val_obs, train_noise, val_noise, sign=-1.0):
+    """Eqs. 8-10 written out from a snapshot of the actor ``phi`` and the attention net ``psi``, with
+    ``torch.autograd.grad`` and plain SGD at the actor's learning rate over the learner's look-ahead layers:
+    ``phi_old = phi - eta grad L_actor(phi; d_trn)``, ``phi_new = phi_old - eta grad L_att-action(phi_old;
+    d_trn)``, ``tanh(L_actor(phi_new; d_val) - L_actor(phi_old; d_val))``. ``sign = +1`` steps eq. 8 uphill
+    instead. Returns the loss and its gradient in ``psi``."""
+    eta = learner.config.actor_lr
+    meta = {k: v.clone().requires_grad_() for k, v in meta.items()}
+    phi = {k: v.clone().requires_grad_() for k, v in actor.items()}
+    grads = dict(zip(phi, torch.autograd.grad(learner.actor_loss(phi, train_obs, train_noise), list(phi.values())),
+                     strict=True))
+    moved = list(lookahead_split(actor, learner.config.lookahead_layers)[0])
+    old = {**actor, **{name: (actor[name] + sign * eta * grads[name]).requires_grad_() for name in moved}}
+    aux = learner.auxiliary_loss(old, meta, train_obs, train_noise)
+    aux_grads = torch.autograd.grad(aux, [old[name] for name in moved], create_graph=True)
+    new = {**old, **{name: old[name] - eta * g for name, g in zip(moved, aux_grads, strict=True)}}
+    loss = torch.tanh(learner.actor_loss(new, val_obs, val_noise) - learner.actor_loss(old, val_obs, val_noise))
+    return loss.detach(), dict(zip(meta, torch.autograd.grad(loss, list(meta.values())), strict=True))
+
+
+@pytest.mark.parametrize(("algorithm", "layers"),
+                         [("td3-matt", "first"), ("td3-matt", "all"), ("sac-matt", "first"), ("ddpg-matt", "first")])
+def test_actor_update_meta_gradient_equals_eqs_8_to_10_from_its_snapshot(float64, algorithm, layers):
+    """One `gradient_update` of the learner: the meta loss it logs and the gradient its attention net's Adam
+    step applies equal eqs. 8-10 computed here from the snapshot of ``phi`` and ``psi`` at the actor update's
+    entry and the batches (and SAC's noises) it drew, to 1e-10; the first look-ahead step descends (the
+    same reference with ``phi_old = phi + eta grad`` differs far beyond that tolerance), and the meta-net's
+    parameters after the update are Adam's first step on that gradient."""
+    learner = lookahead_learner(algorithm, layers)
+    seen = record_actor_update(learner)
+    assert learner.updates == 1 and len(seen["samples"]) == 1
+    train_noise, val_noise = seen["noises"] if "sac" in algorithm else (None, None)
+    batches = (seen["obs"], seen["samples"][0].obs, train_noise, val_noise)
+    expected_loss, expected_grad = reference_meta_loss(learner, seen["actor"], seen["meta"], *batches)
+    assert abs(float(expected_loss)) > 1e-6
+    assert torch.allclose(seen["metrics"]["meta_loss"], expected_loss, rtol=1e-10, atol=1e-14)
+    for name, param in learner.meta_net.named_parameters():
+        assert torch.allclose(param.grad, expected_grad[name], rtol=1e-8, atol=1e-12), name
+    uphill_loss, uphill_grad = reference_meta_loss(learner, seen["actor"], seen["meta"], *batches, sign=1.0)
+    assert abs(float(uphill_loss - expected_loss)) > 1e-4 * abs(float(expected_loss))
+    assert tree.norm(tree.sub(uphill_grad, expected_grad)) > 1e-4 * tree.norm(expected_grad)
+
+    reference_net = {k: v.clone().requires_grad_() for k, v in seen["meta"].items()}
+    optimizer = torch.optim.Adam(reference_net.values(), lr=learner.config.meta_lr,
+                                 weight_decay=learner.config.meta_weight_decay)
+    for name, value in reference_net.items():
+        value.grad = expected_grad[name]
+    optimizer.step()
+    for name, param in learner.meta_net.named_parameters():
+        assert torch.allclose(param, reference_net[name], rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("algorithm", ["td3-matt", "sac-matt"])
+def test_actor_update_evaluates_eq_10_on_a_fresh_validation_batch(float64, algorithm):
+    """`actor_update` draws its validation batch d_val from the replay buffer, one more sample after d_trn
+    (its ``obs``), and a different one: the logged meta loss and the applied meta gradient are eq. 10 on
+    that recorded d_val, not the same loss with d_trn in d_val's place."""
+    learner = lookahead_learner(algorithm)
+    seen = record_actor_update(learner)
+    assert len(seen["samples"]) == 1, "actor_update must draw exactly one validation batch from the buffer"
+    train_obs, val_obs = seen["obs"], seen["samples"][0].obs
+    assert val_obs.shape == train_obs.shape and not torch.equal(val_obs, train_obs)
+    train_noise, val_noise = seen["noises"] if "sac" in algorithm else (None, None)
+    on_val, val_grad = reference_meta_loss(learner, seen["actor"], seen["meta"], train_obs, val_obs,
+                                           train_noise, val_noise)
+    on_trn, _ = reference_meta_loss(learner, seen["actor"], seen["meta"], train_obs, train_obs,
+                                    train_noise, val_noise)
+    assert abs(float(on_val - on_trn)) > 1e-6
+    assert torch.allclose(seen["metrics"]["meta_loss"], on_val, rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(seen["metrics"]["meta_loss"], on_trn, rtol=1e-6, atol=1e-9)
+    for name, param in learner.meta_net.named_parameters():
+        assert torch.allclose(param.grad, val_grad[name], rtol=1e-8, atol=1e-12), name
