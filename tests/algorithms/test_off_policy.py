@@ -1,7 +1,9 @@
 """The shared off-policy loop and DDPG, TD3, SAC: replay across autoresets, critic targets, resume,
-the CLI, and TD3 learning Pendulum."""
+the CLI, TD3 learning Pendulum, and TD3's and SAC's update equations (target smoothing, policy delay,
+clipped double Q, the entropy term and the temperature step) in float64."""
 
 import json
+import math
 import time
 
 import gymnasium as gym
@@ -264,3 +266,235 @@ def test_learns_pendulum_within_20k_steps(algorithm):
     best, steps, seconds = learn_pendulum(algorithm)
     print(f"{algorithm}: best evaluation return {best:.1f} after {steps} env steps in {seconds:.0f} s")
     assert best >= -250
+
+
+# --- the update equations of TD3 and SAC, in float64 --------------------------------------------------------------
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+class ThreeDimActions(gym.Env):
+    """Never stepped: only its spaces are read, to build a learner with ``act_dim = 3``."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float64)
+
+
+@pytest.fixture
+def three_dim_actions():
+    gym.register("bilevel-test/ThreeDimActions-v0", entry_point=ThreeDimActions)
+    yield "bilevel-test/ThreeDimActions-v0"
+    gym.registry.pop("bilevel-test/ThreeDimActions-v0")
+
+
+def random_batch(learner, n=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return Transitions(
+        obs=torch.randn(n, learner.obs_dim, generator=generator),
+        actions=torch.rand(n, learner.act_dim, generator=generator) * 2 - 1,
+        rewards=torch.randn(n, generator=generator), next_obs=torch.randn(n, learner.obs_dim, generator=generator),
+        terminated=torch.rand(n, generator=generator) < 0.25, truncated=torch.rand(n, generator=generator) < 0.25)
+
+
+def perturbed(params, seed, scale=0.1):
+    """``params`` moved off the online networks, so that a target computed from the online ones shows."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: value + scale * torch.randn(value.shape, generator=generator) for name, value in params.items()}
+
+
+def copy_of(generator):
+    """A generator that continues from ``generator``'s current state: it replays the draws the learner makes next."""
+    replay = torch.Generator()
+    replay.set_state(generator.get_state())
+    return replay
+
+
+def critic_update_recording_targets(learner, batch, monkeypatch):
+    """Run the learner's real critic update on ``batch``; the regression target ``y`` ``[B]`` it used (the ``target``
+    of every ``mse_loss`` call, the same for both critics) and its loss."""
+    targets = []
+    mse_loss = torch.nn.functional.mse_loss
+
+    def recording_mse_loss(prediction, target, *args, **kwargs):
+        targets.append(target.detach().clone())
+        return mse_loss(prediction, target, *args, **kwargs)
+
+    critic_before = {name: value.detach().clone() for name, value in learner.critic.named_parameters()}
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", recording_mse_loss)
+    loss = learner.critic_update(batch)["critic_loss"]
+    monkeypatch.undo()
+    assert len(targets) == 2 and torch.equal(targets[0], targets[1])  # twin critics regress on one target
+    q1, q2 = functional_call(learner.critic, critic_before, (batch.obs, batch.actions))
+    assert torch.allclose(loss, ((q1 - targets[0]) ** 2).mean() + ((q2 - targets[0]) ** 2).mean(), rtol=1e-12)
+    return targets[0]
+
+
+def td3_learner(**overrides):
+    learner = build("td3", **overrides)
+    learner.actor_target = perturbed(learner.actor_target, seed=1, scale=0.3)
+    learner.critic_target = perturbed(learner.critic_target, seed=2, scale=0.3)
+    return learner
+
+
+@pytest.mark.parametrize(("policy_noise", "noise_clip"), [(0.2, 0.5), (10.0, 0.25)])
+def test_td3_critic_target_smooths_the_target_action_with_clipped_noise(float64, monkeypatch, policy_noise,
+                                                                       noise_clip):
+    """Fujimoto et al. 2018, eq. 14-15: y = r + gamma (1 - d) min_i Q'_i(s', a~'), a~' = clip(mu'(s') + clip(sigma~ eps,
+    -c, c), -1, 1), eps ~ N(0, 1) the draw from the learner's generator; with sigma~ >> c the noise sits at +-c."""
+    learner = td3_learner(policy_noise=policy_noise, noise_clip=noise_clip)
+    batch = random_batch(learner)
+    seen_actions = []
+    hook = learner.critic.register_forward_hook(lambda module, inputs, output: seen_actions.append(inputs[1].clone()))
+    replay = copy_of(learner.generator)
+    target = critic_update_recording_targets(learner, batch, monkeypatch)
+    hook.remove()
+
+    mean_next = functional_call(learner.actor, learner.actor_target, (batch.next_obs,))
+    eps = torch.randn(mean_next.shape, generator=replay)
+    smoothing = (policy_noise * eps).clamp(-noise_clip, noise_clip)
+    next_actions = (mean_next + smoothing).clamp(-1.0, 1.0)
+    assert torch.allclose(seen_actions[0], next_actions, rtol=0, atol=1e-12)  # the target critics' action
+    q1_next, q2_next = functional_call(learner.critic, learner.critic_target, (batch.next_obs, next_actions))
+    expected = batch.rewards + 0.99 * (~batch.terminated) * torch.minimum(q1_next, q2_next)
+    assert torch.allclose(target, expected, rtol=1e-12, atol=1e-12)
+
+    interior = (mean_next + smoothing).abs() < 1
+    assert interior.sum() > 10 and (~interior).sum() > 0  # both the noise clip and the action clip are exercised
+    if policy_noise > noise_clip * 4:
+        clipped = (policy_noise * eps).abs() > noise_clip
+        assert clipped.float().mean() > 0.9
+        assert torch.allclose((next_actions - mean_next)[interior & clipped].abs(),
+                              torch.tensor(noise_clip), rtol=0, atol=1e-12)
+    else:
+        assert (smoothing.abs() < noise_clip).float().mean() > 0.9
+    assert ((next_actions - mean_next).abs() <= noise_clip + 1e-12).all()
+
+
+def test_td3_delays_the_actor_and_every_target_to_each_dth_update(float64):
+    """Fujimoto et al. 2018, Alg. 1: the critics step on every update; the actor and the Polyak targets (actor's and
+    critics') only on every d-th, and then each target moves to (1 - tau) target + tau online, online after its step."""
+    learner = build("td3", policy_frequency=3, tau=0.25)
+    batch = random_batch(learner, n=200)
+    learner.buffer.add(batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated, batch.truncated)
+
+    def snapshot():
+        trees = {"actor": parameters(learner.actor), "critic": parameters(learner.critic),
+                 "actor_target": learner.actor_target, "critic_target": learner.critic_target}
+        return {part: {name: value.detach().clone() for name, value in params.items()}
+                for part, params in trees.items()}
+
+    def changed(before, after):
+        return [not torch.equal(before[name], after[name]) for name in before]
+
+    before = snapshot()
+    for update in range(1, 8):
+        learner.gradient_update()
+        after = snapshot()
+        assert learner.updates == update
+        assert all(changed(before["critic"], after["critic"])), update
+        delayed = update % 3 == 0
+        for part in ("actor", "actor_target", "critic_target"):
+            assert changed(before[part], after[part]) == [delayed] * len(before[part]), (update, part)
+        if delayed:
+            for online, target in (("actor", "actor_target"), ("critic", "critic_target")):
+                for name, old in before[target].items():
+                    assert torch.allclose(after[target][name], 0.75 * old + 0.25 * after[online][name],
+                                          rtol=1e-12, atol=1e-14), (update, name)
+        before = after
+
+
+def target_critic_values(learner, batch, replay):
+    """``(Q'_1(s', a'), Q'_2(s', a'), entropy bonus)`` ``[B]`` of the critic target, ``a'`` (and SAC's
+    ``log pi(a'|s')``) drawn from ``replay``, a copy of the learner's generator taken before its critic update;
+    the bonus ``-alpha log pi(a'|s')`` with the current ``alpha`` for SAC, zero for TD3."""
+    with torch.no_grad():
+        if hasattr(learner, "log_alpha"):
+            policy = functional_call(learner.actor, dict(learner.actor.named_parameters()), (batch.next_obs,))
+            next_actions, next_log_probs = policy.rsample_with_log_prob(generator=replay)
+            bonus = -learner.log_alpha.exp() * next_log_probs
+        else:
+            mean_next = functional_call(learner.actor, learner.actor_target, (batch.next_obs,))
+            smoothing = (learner.config.policy_noise * torch.randn(mean_next.shape, generator=replay)).clamp(
+                -learner.config.noise_clip, learner.config.noise_clip)
+            next_actions = (mean_next + smoothing).clamp(-1.0, 1.0)
+            bonus = torch.zeros_like(batch.rewards)
+        q1_next, q2_next = functional_call(learner.critic, learner.critic_target, (batch.next_obs, next_actions))
+    return q1_next, q2_next, bonus
+
+
+def sac_learner(**overrides):
+    learner = build("sac", **overrides)
+    learner.critic_target = perturbed(learner.critic_target, seed=2, scale=0.3)
+    with torch.no_grad():
+        learner.log_alpha.fill_(math.log(0.7))  # the temperature has moved off its initial `alpha` = 0.2
+    return learner
+
+
+def test_sac_critic_target_subtracts_the_current_alpha_times_log_pi(float64, monkeypatch):
+    """Haarnoja et al. 2018b, eq. 3 and 5: y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s')),
+    a' ~ pi(.|s') drawn from the learner's generator, alpha the current temperature exp(log_alpha)."""
+    learner = sac_learner()
+    batch = random_batch(learner)
+    replay = copy_of(learner.generator)
+    target = critic_update_recording_targets(learner, batch, monkeypatch)
+    q1_next, q2_next, bonus = target_critic_values(learner, batch, replay)
+    not_terminal = (~batch.terminated).to(batch.rewards.dtype)
+    expected = batch.rewards + 0.99 * not_terminal * (torch.minimum(q1_next, q2_next) + bonus)
+    assert torch.allclose(target, expected, rtol=1e-12, atol=1e-12)
+    without_bonus = batch.rewards + 0.99 * not_terminal * torch.minimum(q1_next, q2_next)
+    initial_alpha = batch.rewards + 0.99 * not_terminal * (torch.minimum(q1_next, q2_next) + bonus * 0.2 / 0.7)
+    assert (target - without_bonus).abs().max() > 1e-2 and (target - initial_alpha).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("algorithm", ["td3", "sac"])
+def test_twin_critic_target_takes_the_smaller_target_critic(float64, monkeypatch, algorithm):
+    """Clipped double Q (Fujimoto et al. 2018, eq. 10): the target bootstraps on min(Q'_1, Q'_2) of the target critics,
+    not their max nor Q'_1 alone (the batch has states where each differs)."""
+    learner = td3_learner() if algorithm == "td3" else sac_learner()
+    batch = random_batch(learner)
+    replay = copy_of(learner.generator)
+    target = critic_update_recording_targets(learner, batch, monkeypatch)
+    q1_next, q2_next, bonus = target_critic_values(learner, batch, replay)
+    assert 0.1 < (q1_next < q2_next).double().mean() < 0.9  # either target critic is the smaller on some states
+    not_terminal = (~batch.terminated).to(batch.rewards.dtype)
+    candidates = {name: batch.rewards + 0.99 * not_terminal * (q_next + bonus) for name, q_next in
+                  {"min": torch.minimum(q1_next, q2_next), "max": torch.maximum(q1_next, q2_next),
+                   "q1": q1_next, "q2": q2_next}.items()}
+    assert torch.allclose(target, candidates["min"], rtol=1e-12, atol=1e-12)
+    for name in ("max", "q1", "q2"):
+        assert (target - candidates[name]).abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize(("log_std", "entropy_above_target"), [(-4.0, False), (0.0, True)])
+def test_sac_temperature_step_follows_eq_18(float64, three_dim_actions, log_std, entropy_above_target):
+    """Haarnoja et al. 2018b, eq. 18: L(alpha) = -mean log_alpha (log pi(a|s) + H_target), H_target = -|A|, a ~ pi(.|s)
+    drawn after the actor step. Its gradient -mean(log pi + H_target) = H - H_target (H = -mean log pi): one Adam step
+    raises alpha when the policy's entropy is below the target and lowers it when above."""
+    learner = build("sac", env=three_dim_actions, alpha=0.3, alpha_lr=0.01)
+    assert learner.act_dim == 3 and learner.target_entropy == -3.0
+    with torch.no_grad():  # mean from the network, log_std set: a narrow (H < -3) or a wide (H > -3) policy
+        learner.actor.head.weight[3:] = 0.0
+        learner.actor.head.bias[3:] = log_std
+    obs = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    replay = copy_of(learner.generator)
+    log_alpha = learner.log_alpha.item()
+    metrics = learner.actor_update(obs)
+
+    torch.randn(64, 3, generator=replay)  # the actor step's reparameterisation noise
+    with torch.no_grad():
+        _, log_probs = learner.actor(obs).rsample_with_log_prob(generator=replay)
+    entropy = -log_probs.mean()
+    assert torch.allclose(metrics["entropy"], entropy, rtol=1e-12)
+    gradient = -(log_probs - 3.0).mean()
+    assert torch.allclose(learner.log_alpha.grad, gradient, rtol=1e-12)
+    assert bool(entropy > -3.0) == entropy_above_target
+    # Adam's first step is lr * g / (|g| + eps): the temperature moves by alpha_lr against the gradient's sign
+    assert learner.log_alpha.item() == pytest.approx(log_alpha - 0.01 * math.copysign(1.0, gradient.item()), abs=1e-8)
+    assert (learner.log_alpha.item() < log_alpha) == entropy_above_target
+    assert torch.allclose(metrics["alpha"], learner.log_alpha.detach().exp())
