@@ -9,7 +9,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bilevel import cli
-from bilevel.algorithms._tabular import TaskStatistics, collect_statistics, exact_statistics, sample_statistics
+from bilevel.algorithms._tabular import (
+    TaskStatistics,
+    collect_statistics,
+    episode_statistics,
+    exact_statistics,
+    model_statistics,
+    sample_statistics,
+)
 from bilevel.algorithms.bomrl import (
     BOMRLLearner,
     adapt_logits,
@@ -23,7 +30,7 @@ from bilevel.algorithms.bomrl import (
     task_return,
 )
 from bilevel.envs import FrozenLake, stack_mdps, value_iteration
-from bilevel.envs.tabular import discounted_visitation
+from bilevel.envs.tabular import Episodes, discounted_visitation
 from bilevel.inner import adam, unroll
 from bilevel.runs.loop import load_learner, make_config
 
@@ -305,3 +312,62 @@ def test_model_estimator_is_exact_on_a_deterministic_map_once_every_reachable_pa
     reachable = exact.visitation > 1e-3
     torch.testing.assert_close(statistics.advantages[reachable], exact.advantages[reachable], atol=1e-10, rtol=0)
     torch.testing.assert_close(statistics.visitation, exact.visitation, atol=0.05, rtol=0.05)
+
+
+def handmade_episodes():
+    """Three episodes of five steps on three cells (0-2) and a sink (3), two actions; the second enters the sink at
+    step 1 (its reward -1 kept, its later steps dead). Cell 2's action 1 is tried only at an episode's last step,
+    which has no recorded successor."""
+    return Episodes(
+        states=torch.tensor([[0, 1, 2, 0, 1], [0, 2, 3, 3, 3], [1, 1, 0, 2, 2]]),
+        actions=torch.tensor([[0, 1, 0, 0, 1], [1, 0, 0, 0, 0], [0, 0, 1, 0, 1]]),
+        rewards=torch.tensor([[0.0, 1, 0, 0, 1], [0, -1, 0, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.float64),
+        alive=torch.tensor([[True] * 5, [True, True, False, False, False], [True] * 5]),
+    )
+
+
+def test_episode_and_model_statistics_equal_loops_over_handmade_episodes():
+    """Monte-Carlo: ``Q^``, ``V^`` average the return-to-go over the alive visits; the model estimator builds
+    ``P^`` and ``R^`` from the alive steps that have a successor, evaluates ``policy`` over ``H`` steps with ``V^``
+    averaging only the tried actions (renormalised ``pi``), and leaves untried pairs at advantage 0."""
+    episodes, gamma, horizon = handmade_episodes(), 0.9, 5
+    policy = torch.softmax(torch.tensor([[0.3, -0.2], [1.0, 0.1], [-0.5, 0.4]], dtype=torch.float64), -1)
+    states, actions, rewards, alive = (x.tolist() for x in episodes)
+
+    returns = {}
+    visits = [(b, t) for b in range(3) for t in range(horizon) if alive[b][t]]
+    for b, t in visits:
+        returns[b, t] = sum(gamma ** (k - t) * rewards[b][k] for k in range(t, horizon) if alive[b][k])
+    mc = episode_statistics(episodes, 3, 2, gamma)
+    for s in range(3):
+        v = [returns[b, t] for b, t in visits if states[b][t] == s]
+        for a in range(2):
+            q = [returns[b, t] for b, t in visits if states[b][t] == s and actions[b][t] == a]
+            expected = sum(q) / len(q) - sum(v) / len(v) if q else 0.0
+            assert float(mc.advantages[s, a]) == pytest.approx(expected, abs=1e-12), ("mc", s, a)
+    visitation = [sum(gamma**t for b, t in visits if states[b][t] == s) / 3 for s in range(3)]
+    torch.testing.assert_close(mc.visitation, torch.tensor(visitation, dtype=torch.float64), rtol=1e-12, atol=0)
+
+    counts, reward_sums = {}, {}
+    for b, t in visits:
+        if t + 1 < horizon:
+            key = (states[b][t], actions[b][t])
+            counts.setdefault(key, {}).setdefault(states[b][t + 1], 0)
+            counts[key][states[b][t + 1]] += 1
+            reward_sums[key] = reward_sums.get(key, 0.0) + rewards[b][t]
+    assert (2, 1) not in counts, "the pair tried only at a last step has no model"
+    values, q_values = [0.0] * 4, {}
+    for _ in range(horizon):
+        q_values = {key: reward_sums[key] / sum(nexts.values())
+                    + gamma * sum(n * values[s2] for s2, n in nexts.items()) / sum(nexts.values())
+                    for key, nexts in counts.items()}
+        for s in range(3):
+            tried = [a for a in range(2) if (s, a) in q_values]
+            weight = sum(float(policy[s, a]) for a in tried)
+            values[s] = sum(float(policy[s, a]) * q_values[s, a] for a in tried) / weight if tried else 0.0
+    model = model_statistics(episodes, policy, 4, gamma, horizon)
+    for s in range(3):
+        for a in range(2):
+            expected = q_values[s, a] - values[s] if (s, a) in q_values else 0.0
+            assert float(model.advantages[s, a]) == pytest.approx(expected, abs=1e-12), ("model", s, a)
+    torch.testing.assert_close(model.visitation, mc.visitation)

@@ -87,6 +87,37 @@ class BanditLearner(Learner):
         return [path]
 
 
+@register("test-bandit-global-rng")
+class GlobalRngBandit(BanditLearner):
+    """The bandit drawing from the global torch and NumPy generators (as third-party code does) instead of its
+    own: exact resumption then rests on the runner saving and restoring those."""
+
+    def __init__(self, config, device):
+        super().__init__(config, device)
+        self.generator = None
+
+    def step(self):
+        if self.kill_in_iteration == self.iteration + 1:
+            raise SimulatedKill(f"killed in iteration {self.iteration + 1}")
+        noise = torch.randn(self.config.batch, 3) + torch.from_numpy(np.random.standard_normal((self.config.batch, 3)))  # noqa: NPY002
+        actions = (self.mean + noise.to(self.mean.dtype)).detach()
+        rewards = -((actions - 1) ** 2).sum(-1)
+        loss = -(-0.5 * ((actions - self.mean) ** 2).sum(-1) * (rewards - rewards.mean())).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.env_steps += self.config.batch
+        return {"return": float(rewards.mean())}
+
+    def learner_state(self):
+        return {"mean": self.mean.detach().clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_learner_state(self, state):
+        with torch.no_grad():
+            self.mean.copy_(state["mean"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 def bandit_config(**overrides):
     return make_config("test-bandit", {"iterations": 12, "checkpoint_every": 4, "device": "cpu", **overrides})
 
@@ -349,3 +380,20 @@ def test_a_corrupted_checkpoint_is_named_on_resume_and_eval(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert cli.main(["eval", str(run)]) == 2
     assert "last.pt" in capsys.readouterr().err
+
+
+def test_a_learner_drawing_from_the_global_generators_resumes_exactly(tmp_path, monkeypatch):
+    """The runner saves torch's and NumPy's global generator states with each checkpoint and restores them on
+    resume: a run killed in iteration 7 (checkpoint at 4) and resumed equals a straight run."""
+    config = make_config("test-bandit-global-rng", {"iterations": 8, "checkpoint_every": 4, "device": "cpu"})
+    straight = train("test-bandit-global-rng", config, tmp_path / "straight", progress=False)
+    monkeypatch.setattr(GlobalRngBandit, "kill_in_iteration", 7)
+    with pytest.raises(SimulatedKill):
+        train("test-bandit-global-rng", config, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(GlobalRngBandit, "kill_in_iteration", 0)
+    torch.manual_seed(12345)
+    np.random.seed(12345)  # noqa: NPY002
+    resumed = train("test-bandit-global-rng", config, tmp_path / "killed", resume=True, progress=False)
+    assert torch.equal(resumed.mean, straight.mean)
+    returns = [[r["return"] for r in metric_rows(tmp_path / run)] for run in ("killed", "straight")]
+    assert returns[0] == returns[1] and len(returns[0]) == 8
