@@ -506,3 +506,28 @@ def test_the_chosen_step_is_the_best_in_distribution_and_the_curves_use_only_its
         (tmp_path / f"{name}.json").unlink()
     assert chosen_adaptation_lr(evaluations(tmp_path)) is None, "one candidate is no choice"
     assert evaluation_curves(tmp_path)["mass"][1] == [200.0, 210.0, 220.0, 230.0]
+
+
+def test_imagination_steps_the_elite_members_not_the_first_ones():
+    """With elites ``[0, 2, 3]`` of 4 members, model ``m`` of the rollout steps with member ``elite_idx[m]``."""
+    torch.manual_seed(2)
+    ensemble = ProbabilisticEnsemble(4, 2, ensemble_size=4, num_elites=3, hidden=(16,), predict_reward=False)
+    elites = torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        ensemble.elite_idx.copy_(elites)
+        ensemble.target_std.fill_(0.5)
+    policy = GaussianMLPPolicy(4, 2, hidden=(8,), init_log_std=-1.0)
+    params = tree.params_of(policy, detach=True)
+    start_states = torch.randn(5, 4).expand(3, -1, -1)
+
+    def reward_fn(obs, act, next_obs):
+        return -(next_obs**2).sum(-1)
+
+    out = imagine_models(ensemble, policy, params, start_states, 3, reward_fn, None, torch.zeros(4), torch.ones(4),
+                         torch.Generator().manual_seed(0), per_model=False, model_noise=False)
+    for t in range(3):
+        expected = ensemble.predict_members(out.obs[t], out.actions[t], member_idx=elites, deterministic=True)
+        torch.testing.assert_close(out.next_obs[t], expected.next_obs)
+    first_members = ensemble.predict_members(out.obs[0], out.actions[0], member_idx=torch.arange(3),
+                                             deterministic=True).next_obs
+    assert (first_members[1:] - out.next_obs[0, 1:]).abs().max() > 1e-2

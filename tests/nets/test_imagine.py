@@ -151,3 +151,66 @@ def test_bad_arguments_raise_value_errors_naming_them(setup):
         imagine(ensemble.predict_members, policy, start_states, 0, reward_fn)
     with pytest.raises(ValueError, match="`obs`"):
         imagine(ensemble.predict_members, policy, start_states[..., :2], HORIZON, reward_fn)
+
+
+def _counting_dynamics(obs, act, *, generator):
+    """``obs = [t, stop, x]``: the clock ``t`` ticks, ``stop`` is kept, ``x`` moves with the action and the clock."""
+    clock, stop, x = obs.unbind(-1)
+    next_x = 0.8 * x + act[..., 0] - 0.3 * act[..., 1] + 0.1 * clock
+    return torch.stack([clock + 1, stop, next_x], -1), None
+
+
+def _asymmetric_reward(obs, act, next_obs):
+    return obs[..., 2] + 2.0 * next_obs[..., 2] ** 2 + 0.5 * act[..., 0] - 0.1 * obs[..., 0]
+
+
+def _stop_at_clock(obs, act, next_obs):
+    """Terminates the step taken at clock ``stop`` (read after the step, from ``next_obs``)."""
+    return next_obs[..., 0] == next_obs[..., 1] + 1
+
+
+def test_rollout_with_terminations_after_the_first_step_matches_a_per_row_loop():
+    """Rows stop at steps 0, 1, 2, 3 and the last step (4), and some never: ``valid`` is "no earlier step
+    terminated", ``terminated`` only on the first terminating step, ``truncated`` only on the last step of a
+    row still alive after it, rewards ``reward_fn(s_t, a_t, s_{t+1})`` zeroed after the end, all as a loop."""
+    horizon = 5
+    torch.manual_seed(1)
+    policy = GaussianMLPPolicy(3, ACT_DIM, hidden=(8,), init_log_std=-1.0).double()
+    stops = torch.tensor([[0.0, 2.0, 4.0, 99.0], [1.0, 3.0, 4.0, 99.0]])
+    x0 = torch.randn(2, 4, dtype=torch.float64)
+    start_states = torch.stack([torch.zeros_like(x0), stops.double(), x0], -1)
+    out = imagine(_counting_dynamics, policy, start_states, horizon, _asymmetric_reward,
+                  termination_fn=_stop_at_clock, deterministic=True)
+
+    expected = {name: torch.zeros(horizon, 2, 4, dtype=torch.float64) for name in ("rewards", "log_probs")}
+    expected.update({name: torch.zeros(horizon, 2, 4, dtype=torch.bool) for name in ("valid", "terminated",
+                                                                                    "truncated")})
+    expected.update({name: torch.zeros(horizon, 2, 4, 3, dtype=torch.float64) for name in ("obs", "next_obs")})
+    for m in range(2):
+        for n in range(4):
+            state, alive = start_states[m, n], True
+            for t in range(horizon):
+                with torch.no_grad():
+                    dist = policy(state)
+                    action = dist.mode
+                    next_state, _ = _counting_dynamics(state, action, generator=None)
+                    reward = _asymmetric_reward(state, action, next_state)
+                    ends = bool(_stop_at_clock(state, action, next_state))
+                expected["obs"][t, m, n] = state
+                expected["next_obs"][t, m, n] = next_state if alive else state
+                expected["log_probs"][t, m, n] = dist.log_prob(action)
+                expected["valid"][t, m, n] = alive
+                expected["rewards"][t, m, n] = reward if alive else 0.0
+                expected["terminated"][t, m, n] = alive and ends
+                expected["truncated"][t, m, n] = alive and not ends and t == horizon - 1
+                if alive and ends:
+                    alive = False
+                if alive:
+                    state = next_state
+    lengths = expected["valid"].sum(0)
+    assert lengths.tolist() == [[1, 3, 5, 5], [2, 4, 5, 5]]
+    assert expected["terminated"][-1].sum() == 2 and expected["truncated"][-1].sum() == 2
+    for name in ("valid", "terminated", "truncated"):
+        assert torch.equal(getattr(out, name), expected[name]), name
+    for name in ("obs", "next_obs", "rewards", "log_probs"):
+        torch.testing.assert_close(getattr(out, name).detach(), expected[name], rtol=1e-12, atol=1e-12, msg=name)
