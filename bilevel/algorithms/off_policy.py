@@ -8,8 +8,12 @@ One iteration (`OffPolicyLearner.step`) is::
         s', r, terminated, truncated = envs.step(rescale(a) to the env's Box bounds)
         store (s, a, r, s', terminated, truncated), dropping next-step autoreset steps
         one gradient update per stored transition once learning_starts transitions exist:
-            critic update; every policy_frequency updates the actor update and Polyak targets
+            critic update on a batch; every policy_frequency updates the actor update, on a batch
+            of its own, and the Polyak targets
     evaluate the deterministic policy on separate envs
+
+The actor's batch is a second draw from the replay, where Fujimoto et al.'s TD3 and CleanRL reuse the
+critic's: the same distribution, with one more sample per actor update (MATT's validation batch is a third).
 
 The critic target bootstraps on truncation and stops only on termination (Fujimoto et al. 2018,
 eq. 10 with ``d = terminated``). The training envs are reset at every iteration boundary and the
