@@ -3,7 +3,8 @@
 A point starts at the origin and moves by its clipped action,
 ``p_{t+1} = p_t + clip(a_t, -0.1, 0.1)``, and receives ``r_t = -||p_{t+1} - g||_2`` for the
 task's goal ``g ~ U[-0.5, 0.5]^2``. The observation is the position; the goal is not
-observed. Episodes never terminate and are truncated after 100 steps.
+observed. Episodes never terminate and are truncated after 100 steps (pytorch-maml-rl's env also ends an
+episode once the point is within 0.01 of the goal on both axes).
 
 Shape convention of :class:`BatchedNavigation2D`: ``T`` tasks times ``E`` envs per task.
 Goals are ``[T, 2]``; positions, observations and actions ``[T, E, 2]``; rewards and
@@ -34,9 +35,12 @@ class GoalTask:
     goal: tuple[float, float]
 
 
-def goals_tensor(tasks: list[GoalTask], device: torch.device | str | None = None) -> Tensor:
-    """Goals of ``tasks`` stacked into a float32 tensor of shape ``[len(tasks), 2]``."""
-    return torch.tensor([task.goal for task in tasks], dtype=torch.float32, device=device)
+def goals_tensor(
+    tasks: list[GoalTask], device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Goals of ``tasks`` stacked into a tensor of shape ``[len(tasks), 2]``, in ``dtype`` (torch's default dtype
+    when None: the batched envs then run in the dtype a float64 session expects)."""
+    return torch.tensor([task.goal for task in tasks], dtype=dtype or torch.get_default_dtype(), device=device)
 
 
 def navigation_step(

@@ -31,7 +31,7 @@ from bilevel.algorithms.bomrl_neural import (
 )
 from bilevel.implicit import LinearSolveWarning
 from bilevel.nets import GaussianMLPPolicy
-from bilevel.rl import importance_weighted_loss, meta_batches, reinforce_loss
+from bilevel.rl import importance_weighted_loss, reinforce_loss
 from bilevel.rl.meta_batches import TaskData, action_distribution, task_data
 from bilevel.runs import RunFolder
 from bilevel.runs.loop import load_learner, make_config
@@ -451,8 +451,6 @@ def recorded_step(monkeypatch):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(DTYPE)
     try:
-        goals_tensor = meta_batches.goals_tensor
-        monkeypatch.setattr(meta_batches, "goals_tensor", lambda *args, **kw: goals_tensor(*args, **kw).to(DTYPE))
         torch.manual_seed(0)
         learner = BOMRLNeural(make_config("bomrl-neural", STEP_CONFIG), torch.device("cpu"))
         record: dict = {"phi": tree.detach(learner.meta_params)}
