@@ -215,14 +215,21 @@ def implicit_root(
             ``"neumann"``, ``"dense"``, a `bilevel.linalg.LinearSolver`, or a callable
             ``(matvec, b, rmatvec=None) -> (u, SolveInfo)``.
         **solve_options: options of the named solver (``max_iter``, ``tol``,
-            ``damping``; ``step_size`` for ``neumann``).
+            ``damping``; ``step_size`` for ``neumann``). Under ``vmap`` (one batched solve over tasks)
+            CG and MINRES run every one of their ``max_iter`` iterations, by default twice the number of
+            unknowns plus ten: give a ``max_iter`` near what one solve needs (a few tens for a small
+            network), or the batched backward pass costs time and memory for thousands of iterations.
 
     Returns:
         A decorator. The decorated solver returns the solution unchanged; its
         gradient with respect to every tensor in ``meta_args`` is implicit, with
         respect to ``init`` it is zero. ``decorated.diagnostics`` holds the last
         backward pass's linear-solve record (`ImplicitDiagnostics`); a solve that
-        misses its tolerance warns with a `LinearSolveWarning`.
+        misses its tolerance warns with a `LinearSolveWarning`. Under ``vmap`` neither
+        happens (the values are batched): use `implicit_vjp`, which returns them per task.
+        The gradient is only as good as the solver's root: nothing here checks that
+        ``optimality_fn`` vanishes at the returned solution (for `newton_cg`, compare the
+        norm of the inner gradient there with its ``tol``).
     """
     if not callable(optimality_fn):
         raise TypeError(f"`optimality_fn` must be callable; got {type(optimality_fn).__name__}")

@@ -34,9 +34,11 @@ __all__ = [
     "dot",
     "leaves",
     "map",
+    "merge",
     "norm",
     "numel",
     "params_of",
+    "partition",
     "ravel",
     "scale",
     "stack",
@@ -75,6 +77,26 @@ def check_same_structure(a: Tree, b: Tree, names: tuple[str, str] = ("a", "b")) 
                 f"`{names[0]}` and `{names[1]}` differ at leaf {where!r}: "
                 f"shape {tuple(leaf_a.shape)} against {tuple(leaf_b.shape)}"
             )
+
+
+def partition(params: dict[str, Tensor], keep: Callable[[str], bool]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a ``functional_call`` tree by name: ``(selected, rest)``, ``selected`` the entries whose name
+    ``keep`` accepts (e.g. ``lambda name: name.startswith("mean_net.4.")``, the last layer, for ANIL's inner
+    loop). `merge` puts them back together."""
+    selected = {name: value for name, value in params.items() if keep(name)}
+    return selected, {name: value for name, value in params.items() if name not in selected}
+
+
+def merge(*parts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One ``functional_call`` tree from disjoint parts (the inverse of `partition`); a name in two parts is
+    an error."""
+    merged: dict[str, Tensor] = {}
+    for part in parts:
+        repeated = sorted(set(merged) & set(part))
+        if repeated:
+            raise ValueError(f"`merge` got the entries {repeated} twice")
+        merged.update(part)
+    return merged
 
 
 def params_of(module: nn.Module, *, detach: bool = False) -> dict[str, Tensor]:

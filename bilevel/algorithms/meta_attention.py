@@ -102,8 +102,7 @@ LOOKAHEAD_LAYERS = {"first": ("features.0.",), "features": ("features.",), "all"
 def lookahead_split(actor_params: dict[str, Tensor], layers: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Split the actor tree into the entries the look-ahead moves and those it holds fixed."""
     prefixes = LOOKAHEAD_LAYERS[layers]
-    moved = {name: value for name, value in actor_params.items() if name.startswith(prefixes)}
-    return moved, {name: value for name, value in actor_params.items() if name not in moved}
+    return tree.partition(actor_params, lambda name: name.startswith(prefixes))
 
 
 class AttentionForward(NamedTuple):

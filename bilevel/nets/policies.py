@@ -21,7 +21,9 @@ class GaussianMLPPolicy(ObsActionModule):
     log-std parameter (MAML-RL's policy).
 
     ``forward(obs [..., obs_dim]) -> DiagGaussian`` with batch shape ``[...]`` and event ``[act_dim]``.
-    Parameters: ``mean_net.*`` and ``log_std`` ``[act_dim]``.
+    Parameters: ``mean_net.{2i}.weight`` and ``mean_net.{2i}.bias`` for the ``i``-th linear layer (the
+    activations sit at the odd indices; with the default two hidden layers the output layer is
+    ``mean_net.4.*``) and ``log_std`` ``[act_dim]``. `bilevel.tree.partition` splits them by name.
     """
 
     def __init__(

@@ -62,3 +62,12 @@ def test_ravel_order_is_sorted_and_stable_across_torch_func_imports():
     assert torch.equal(tree.ravel(t)[0], before)
     assert torch.equal(before, torch.tensor([1.0, 2.0]))
     tree.check_same_structure(t, {"a": torch.zeros(1), "b": torch.zeros(1)})
+
+
+def test_partition_and_merge_split_a_tree_by_name_and_put_it_back():
+    params = {"mean_net.0.weight": torch.ones(2, 3), "mean_net.4.bias": torch.zeros(2), "log_std": torch.ones(2)}
+    head, rest = tree.partition(params, lambda name: name.startswith("mean_net.4."))
+    assert list(head) == ["mean_net.4.bias"] and set(rest) == {"mean_net.0.weight", "log_std"}
+    assert tree.merge(head, rest) == params and all(tree.merge(rest, head)[k] is v for k, v in params.items())
+    with pytest.raises(ValueError, match="log_std"):
+        tree.merge(rest, {"log_std": torch.zeros(2)})
