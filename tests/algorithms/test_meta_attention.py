@@ -32,14 +32,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def build(algorithm, **overrides):
     sizes = {"attention_hidden": (5,)} if "matt" in algorithm else {"meta_hidden": (5,)}
     return _build(algorithm, make_config(algorithm, {**TINY, **sizes, **overrides}))

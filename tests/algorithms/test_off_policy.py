@@ -271,14 +271,6 @@ def test_learns_pendulum_within_20k_steps(algorithm):
 # --- the update equations of TD3 and SAC, in float64 --------------------------------------------------------------
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 class ThreeDimActions(gym.Env):
     """Never stepped: only its spaces are read, to build a learner with ``act_dim = 3``."""
 

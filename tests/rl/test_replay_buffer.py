@@ -111,19 +111,25 @@ class EndsAfterTwoSteps(gym.Env):
         return obs, 1.0, self.step_count == 2, False, {}
 
 
-def test_add_vector_step_drops_autoreset_steps():
-    envs = SyncVectorEnv([EndsAfterTwoSteps, EndsAfterTwoSteps], autoreset_mode=AutoresetMode.NEXT_STEP)
+def fill_from_vector_env(make_env, steps: int) -> ReplayBuffer:
+    """Step two next-step-autoreset copies of ``make_env`` ``steps`` times, storing each step with
+    `add_vector_step` and checking that it returns ``terminated | truncated``, the next step's autoresets."""
+    envs = SyncVectorEnv([make_env, make_env], autoreset_mode=AutoresetMode.NEXT_STEP)
     buffer = ReplayBuffer(100, (2,), ())
     obs, _ = envs.reset(seed=0)
     is_reset_step = np.zeros(2, dtype=bool)
-    for _ in range(9):
+    for _ in range(steps):
         actions = np.zeros(2, dtype=np.float32)
         next_obs, rewards, terminated, truncated, _ = envs.step(actions)
-        is_reset_step = buffer.add_vector_step(
-            obs, actions, rewards, next_obs, terminated, truncated, is_reset_step
-        )
-        obs = next_obs
+        returned = buffer.add_vector_step(obs, actions, rewards, next_obs, terminated, truncated, is_reset_step)
+        assert torch.equal(returned, torch.as_tensor(terminated | truncated))
+        is_reset_step, obs = returned, next_obs
     envs.close()
+    return buffer
+
+
+def test_add_vector_step_drops_autoreset_steps():
+    buffer = fill_from_vector_env(EndsAfterTwoSteps, 9)
     assert len(buffer) == 2 * 6
     stored = buffer.state_dict()
     torch.testing.assert_close(stored["next_obs"][:, 0], stored["obs"][:, 0])
@@ -141,20 +147,7 @@ def test_add_vector_step_returns_the_next_autoresets_after_truncation_too():
     """Episodes cut by a three-step time limit: the returned flags are ``terminated | truncated`` (the next
     step is an autoreset either way), the truncated transitions are stored as truncated, not terminated, and
     every autoreset step is dropped."""
-    def make():
-        return gym.wrappers.TimeLimit(NeverEnds(), max_episode_steps=3)
-
-    envs = SyncVectorEnv([make, make], autoreset_mode=AutoresetMode.NEXT_STEP)
-    buffer = ReplayBuffer(100, (2,), ())
-    obs, _ = envs.reset(seed=0)
-    is_reset_step = np.zeros(2, dtype=bool)
-    for _ in range(8):
-        actions = np.zeros(2, dtype=np.float32)
-        next_obs, rewards, terminated, truncated, _ = envs.step(actions)
-        returned = buffer.add_vector_step(obs, actions, rewards, next_obs, terminated, truncated, is_reset_step)
-        assert torch.equal(returned, torch.as_tensor(terminated | truncated))
-        is_reset_step, obs = returned, next_obs
-    envs.close()
+    buffer = fill_from_vector_env(lambda: gym.wrappers.TimeLimit(NeverEnds(), max_episode_steps=3), 8)
     assert len(buffer) == 2 * 6
     stored = buffer.state_dict()
     assert not stored["terminated"].any()
