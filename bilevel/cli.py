@@ -115,6 +115,10 @@ def _train(argv: list[str]) -> int:
         if resume is not None:
             from bilevel.runs.folder import RunFolder
 
+            if run_dir is not None and Path(run_dir).resolve() != Path(resume).resolve():
+                raise ValueError(f"--resume continues RUN in its own folder; --run-dir {str(run_dir)!r} names "
+                                 "another")
+
             if set(args) - RESUMABLE:
                 raise ValueError(f"--resume continues a run with its saved config; only --iterations and --threads "
                                  f"may change, not {sorted(set(args) - RESUMABLE)}")

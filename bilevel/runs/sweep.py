@@ -114,6 +114,10 @@ def expand_spec(spec: dict[str, Any]) -> list[Trial]:
         if "algorithm" not in group:
             raise ValueError("every [[group]] needs an `algorithm`")
         overrides = dict(group.get("overrides", {}))
+        misplaced = sorted({"seed", "env"} & set(overrides))
+        if misplaced:
+            raise ValueError(f"[[group]] `overrides` may not set {misplaced}: give seeds as the spec's `seeds` "
+                             "and envs as the group's `env`")
         for key in ("algorithm", "env"):
             if key in group and not _as_list(group[key]):
                 raise ValueError(f"[[group]] `{key}` must list at least one value; got []")

@@ -223,6 +223,8 @@ def test_existing_run_is_not_overwritten_unless_asked(tmp_path, capsys):
     assert (tmp_path / "run" / "metrics.csv").read_text() == before
     assert cli.main([*base, "--overwrite"]) == 0
     assert cli.main(["train", "test-bandit", "--resume", run, "--batch", "4"]) == 2
+    assert cli.main(["train", "test-bandit", "--resume", run, "--run-dir", str(tmp_path / "elsewhere")]) == 2
+    assert "--run-dir" in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()
 
 
 def test_threads_apply_while_training_and_are_restored(tmp_path):

@@ -79,6 +79,7 @@ def test_sweep_retries_a_killed_trial_from_its_checkpoint_and_resume_skips_finis
         (lambda s: s["resources"].update(gpus=1), "gpus"),
         (lambda s: s["group"][0]["overrides"].update(tasks_per_batch=[]), "tasks_per_batch"),
         (lambda s: s["group"][0]["overrides"].update(iterations="3"), "iterations"),
+        (lambda s: s["group"][0]["overrides"].update(seed=3), "seed"),
     ],
 )
 def test_bad_spec_exits_2_before_anything_starts(tmp_path, capsys, change, message):
