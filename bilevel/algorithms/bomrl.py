@@ -58,7 +58,15 @@ from bilevel.algorithms._tabular import (
     sample_statistics,
     softmax_policy,
 )
-from bilevel.envs import FrozenLakeTask, TabularMDP, evaluate_policy, make_family, stack_mdps, value_iteration
+from bilevel.envs import (
+    FrozenLakeTask,
+    TabularMDP,
+    evaluate_policy,
+    make_family,
+    stack_mdps,
+    transposed_map,
+    value_iteration,
+)
 from bilevel.implicit import implicit_root
 from bilevel.inner import meta_sgd, unroll
 from bilevel.runs import Learner, RunConfig, derive_seed, register
@@ -418,6 +426,10 @@ class BOMRLConfig(RunConfig):
     num_validation: int = 0
     """The last ``num_validation`` training maps are left out of meta-training and form the
     ``validation`` split, for choosing hyperparameters without the held-out maps."""
+    transposed_maps: bool = False
+    """Also meta-train on each meta-training map mirrored along its diagonal (`transposed_map`, a symmetry
+    of the family's map distribution; not in the paper): up to twice the maps, none of them a validation
+    or held-out map."""
     meta_lr: float = 0.03
     """Adam learning rate on the meta-logits (the paper: 0.03)."""
     adaptation_rounds: int = 4
@@ -450,6 +462,20 @@ class BOMRLConfig(RunConfig):
                 raise ValueError(f"`{name}` must be > 0; got {getattr(self, name)}")
 
 
+def augmented_with_transposes(tasks: list[FrozenLakeTask], family: Any) -> list[FrozenLakeTask]:
+    """``tasks`` followed by the transpose of each (`transposed_map`) that is not already among them and is
+    not one of ``family``'s maps (so no validation or held-out map enters meta-training)."""
+    family_maps = {task.desc for task in [*family.train_tasks(), *family.test_tasks()]}
+    seen = {task.desc for task in tasks}
+    extra = []
+    for task in tasks:
+        desc = transposed_map(task.desc)
+        if desc not in seen and desc not in family_maps:
+            seen.add(desc)
+            extra.append(FrozenLakeTask(desc, task.kind))
+    return [*tasks, *extra]
+
+
 @register("bomrl")
 class BOMRLLearner(Learner):
     """Meta-trains the logits ``phi`` with Adam on the mean adapted return of a batch of training maps.
@@ -473,6 +499,8 @@ class BOMRLLearner(Learner):
             raise ValueError(f"`num_validation` must be < the {len(train)} training maps; got {config.num_validation}")
         self.meta_train_tasks = train[: len(train) - config.num_validation]
         self.validation_tasks = train[len(train) - config.num_validation :]
+        if config.transposed_maps:
+            self.meta_train_tasks = augmented_with_transposes(self.meta_train_tasks, self.family)
         mdp = train[0].mdp
         self.logits = torch.zeros(mdp.num_observable_states, mdp.rewards.shape[-1], dtype=torch.float64)
         self.optimizer = torchopt.adam(config.meta_lr)

@@ -11,6 +11,7 @@ from bilevel.envs.frozen_lake import (
     FrozenLakeTask,
     random_map,
     shortest_path_length,
+    transposed_map,
 )
 from bilevel.envs.locomotion import (
     AntDirection,
@@ -77,5 +78,6 @@ __all__ = [
     "sample_episodes",
     "shortest_path_length",
     "stack_mdps",
+    "transposed_map",
     "value_iteration",
 ]

@@ -132,6 +132,13 @@ def distinct_maps(
                      f"hole_probability {hole_probability}; asked for {count}")
 
 
+def transposed_map(desc: Map) -> Map:
+    """The map mirrored along its main diagonal, cell ``(row, col)`` to ``(col, row)``: start and goal stay in
+    place and moves swap (down with right, up with left), so a solvable map stays solvable with the same
+    shortest path. `random_map` draws a map and its transpose with the same probability."""
+    return tuple("".join(row[col] for row in desc) for col in range(len(desc)))
+
+
 def frozen_lake_mdp(desc: Map, holes_terminal: bool, hole_reward: float) -> TabularMDP:
     """Exact tensors of a map: ``P [S, A, S]`` and ``R [S, A]`` (float64), ``rho [S]``, ``S = size^2 + 1``.
 

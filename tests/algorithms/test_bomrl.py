@@ -29,7 +29,7 @@ from bilevel.algorithms.bomrl import (
     reverse_kl_adaptation,
     task_return,
 )
-from bilevel.envs import FrozenLake, stack_mdps, value_iteration
+from bilevel.envs import FrozenLake, stack_mdps, transposed_map, value_iteration
 from bilevel.envs.tabular import Episodes, discounted_visitation
 from bilevel.inner import adam, unroll
 from bilevel.runs.loop import load_learner, make_config
@@ -263,6 +263,17 @@ def test_validation_maps_are_left_out_of_meta_training():
     assert result["lam"] == 0.2 and "pg_meta_0" not in result and result["bomrl_1"] > result["bomrl_0"]
     with pytest.raises(ValueError, match="split"):
         learner.evaluate(split="holdout")
+
+
+def test_transposed_maps_add_mirrors_of_meta_training_maps_only():
+    config = make_config("bomrl", {"num_validation": 3, "transposed_maps": True, "device": "cpu"})
+    learner = BOMRLLearner(config, torch.device("cpu"))
+    train, test = learner.family.train_tasks(), learner.family.test_tasks()
+    originals, mirrors = learner.meta_train_tasks[:7], learner.meta_train_tasks[7:]
+    assert originals == train[:7] and len(mirrors) == 6
+    other_maps = {task.desc for task in [*train[7:], *test]}
+    assert {task.desc for task in mirrors} <= {transposed_map(task.desc) for task in originals} - other_maps
+    assert len({task.desc for task in learner.meta_train_tasks}) == 13
 
 
 @pytest.mark.parametrize("distance", ["D1", "D2"])

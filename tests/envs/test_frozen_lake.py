@@ -5,7 +5,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bilevel.envs import FrozenLake, FrozenLakeTask, evaluate_policy, random_map, shortest_path_length, value_iteration
+from bilevel.envs import (
+    FrozenLake,
+    FrozenLakeTask,
+    evaluate_policy,
+    random_map,
+    shortest_path_length,
+    transposed_map,
+    value_iteration,
+)
 from bilevel.envs.frozen_lake import GAMMA, HORIZON, MAP_SIZE
 from bilevel.envs.tabular import discounted_visitation, sample_episodes, stack_mdps
 
@@ -54,6 +62,28 @@ def test_random_maps_are_solvable(seed, hole_probability):
     desc = random_map(np.random.default_rng(seed), hole_probability=hole_probability)
     assert desc[0][0] == "S" and desc[-1][-1] == "G"
     assert shortest_path_length(desc) is not None
+
+
+TRANSPOSED_ACTION = [3, 2, 1, 0]
+"""left <-> up, down <-> right under the diagonal mirror."""
+
+
+@settings(max_examples=40, deadline=None)
+@given(is_hole=hole_layouts, kind=st.sampled_from(["hole", "nohole"]), seed=st.integers(0, 2**16))
+def test_transposed_map_is_the_same_task_with_states_and_actions_relabelled(is_hole, kind, seed):
+    desc = layout_to_map(is_hole)
+    mirrored = transposed_map(desc)
+    assert transposed_map(mirrored) == desc and mirrored[0][0] == "S" and mirrored[-1][-1] == "G"
+    assert sorted("".join(mirrored)) == sorted("".join(desc))
+    assert shortest_path_length(mirrored) == shortest_path_length(desc)
+    policy = random_policy(seed)
+    cell = torch.arange(MAP_SIZE * MAP_SIZE)
+    mirrored_cell = (cell % MAP_SIZE) * MAP_SIZE + cell // MAP_SIZE
+    mirrored_policy = torch.empty_like(policy)
+    mirrored_policy[mirrored_cell[:, None], torch.tensor(TRANSPOSED_ACTION)] = policy
+    value = evaluate_policy(FrozenLakeTask(desc, kind).mdp, policy).expected_return
+    mirrored_value = evaluate_policy(FrozenLakeTask(mirrored, kind).mdp, mirrored_policy).expected_return
+    torch.testing.assert_close(mirrored_value, value, rtol=1e-12, atol=1e-12)
 
 
 def test_six_step_map_optimal_return():
