@@ -148,11 +148,14 @@ class _ImplicitRoot(torch.autograd.Function):
         solution_leaves = _ImplicitRoot.apply(problem, *leaves[: problem.num_solution_leaves], *meta_leaves)
         solution = problem.solution_tree(solution_leaves)
         cotangent = problem.solution_tree(solution_cotangent)
-        differentiable = [leaf for leaf, d in zip(meta_leaves, problem.differentiable, strict=True) if d]
+        # Meta leaves no caller differentiates (data batches, say) are held constant: no vjp through them.
+        needed = ctx.needs_input_grad[1 + problem.num_solution_leaves :]
+        wanted = tuple(d and n for d, n in zip(problem.differentiable, needed, strict=True))
+        differentiable = [leaf for leaf, w in zip(meta_leaves, wanted, strict=True) if w]
 
         def optimality(x: Tree, *free: Tensor) -> Tree:
             it = iter(free)
-            merged = tuple(next(it) if d else leaf for leaf, d in zip(meta_leaves, problem.differentiable, strict=True))
+            merged = tuple(next(it) if w else leaf for leaf, w in zip(meta_leaves, wanted, strict=True))
             return problem.optimality(x, merged)
 
         free_cotangent, info = implicit_vjp(
@@ -160,7 +163,7 @@ class _ImplicitRoot(torch.autograd.Function):
         )
         _record(problem.diagnostics, info, tree.norm(cotangent), problem.name)
         it = iter(free_cotangent)
-        meta_cotangent = tuple(next(it) if d else None for d in problem.differentiable)
+        meta_cotangent = tuple(next(it) if w else None for w in wanted)
         return (None,) + (None,) * problem.num_solution_leaves + meta_cotangent
 
 
@@ -208,7 +211,9 @@ def implicit_root(
             the residual a tree shaped like the solution (for an inner minimisation,
             the gradient of the inner objective). ``solution`` and every meta
             argument may be a tree; non-tensor meta arguments and integer or boolean tensors (labels,
-            indices) are constants.
+            indices) are constants, and so, in a backward pass, is every tensor that pass does not
+            differentiate (a data batch without ``requires_grad``, or outside ``torch.func.grad``'s
+            argument): the solve's ``u^T dF/dtheta`` is taken for the differentiated ones only.
         solve: the linear solver of ``(dF/dx)^T u = -v``: ``"cg"`` (``dF/dx``
             symmetric positive definite), ``"minres"`` (symmetric, definite or not:
             the Hessian of a non-convex inner objective), ``"normal_cg"`` (any non-singular),

@@ -262,6 +262,41 @@ def test_integer_meta_arguments_are_constants():
     torch.testing.assert_close(leaf.grad, exact, rtol=1e-9, atol=0)
 
 
+class _NoBackward(torch.autograd.Function):
+    """The identity, whose backward pass fails: a data path that must not be differentiated."""
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("the backward pass differentiated a meta argument nobody asked about")
+
+
+def test_meta_arguments_a_backward_pass_does_not_differentiate_are_constants():
+    """The data ``X, y`` reach the optimality condition through a path that fails if differentiated; the
+    gradient in ``lam`` still equals the closed form's, under ``grad`` and ``backward``; asking for the
+    data's gradient too does differentiate it."""
+    X, y, target = ridge_data(6, 10, 3)
+    ridge = implicit_root(lambda p, X, y, lam: ridge_optimality(p, _NoBackward.apply(X), y, lam), tol=1e-13)(
+        lambda init, X, y, lam: {"w": ridge_closed_form(X, y, lam)})
+    init = {"w": torch.zeros(3, dtype=DTYPE)}
+    lam = torch.tensor(0.4, dtype=DTYPE)
+    exact = torch.func.grad(lambda l: outer_loss(ridge_closed_form(X, y, l), target))(lam)
+    ours = torch.func.grad(lambda l: outer_loss(ridge(init, X, y, l)["w"], target))(lam)
+    torch.testing.assert_close(ours, exact, rtol=1e-9, atol=0)
+    leaf = lam.clone().requires_grad_()
+    outer_loss(ridge(init, X, y, leaf)["w"], target).backward()
+    torch.testing.assert_close(leaf.grad, exact, rtol=1e-9, atol=0)
+    with pytest.raises(AssertionError, match="nobody asked"):
+        torch.func.grad(lambda data: outer_loss(ridge(init, data, y, lam)["w"], target))(X)
+
+
 @pytest.mark.parametrize("solve", [{"solve": "dense"}, {"solve": "normal_cg", "tol": 1e-14}])
 def test_a_non_symmetric_optimality_condition_solves_the_transposed_system(solve):
     """``F(x, theta) = A x - B theta`` with a non-symmetric ``A``: ``x* = A^{-1} B theta`` and the hypergradient
