@@ -7,8 +7,11 @@ The method, on 2-D navigation (reach a goal g ~ U[-0.5, 0.5]^2 from the origin i
 
 where D_i are episodes of the meta-policy on task i and D'_i episodes of the adapted
 policy. Besides the policy, the per-parameter inner learning rates alpha are meta-learned.
-It is four calls into bilevel: `unroll` (the inner step, batched over tasks with `vmap`),
-`trpo_step` (the outer step), and the substrate's batched navigation env and returns.
+The bilevel part is two calls: `unroll` (the inner step, batched over tasks with `vmap`) and
+`trpo_step` (the outer step). Episodes, advantages and the losses come from the substrate:
+`sample_navigation` steps every task's episodes as one torch batch, `task_data` computes
+per-task advantages (GAE over a linear baseline, standardised), and `bilevel.rl` has the
+REINFORCE and importance-weighted surrogates.
 
 Run: .venv/bin/python examples/custom_method.py [--iterations 20] [--seed 0]
 """
@@ -19,90 +22,66 @@ import argparse
 import time
 
 import torch
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from bilevel import tree, trpo_step, unroll
-from bilevel.envs.navigation import BatchedNavigation2D
 from bilevel.inner import meta_sgd
-from bilevel.nets import GaussianMLPPolicy
-from bilevel.nets.distributions import DiagGaussian
-from bilevel.rl import discounted_returns, fit_linear_baseline, linear_baseline_values, standardize
+from bilevel.nets import GaussianMLPPolicy, gaussian_kl
+from bilevel.rl import importance_weighted_loss, masked_mean, reinforce_loss
+from bilevel.rl.meta_batches import action_distribution, behaviour_of, sample_navigation, task_data
 
-HORIZON, EPISODES, GAMMA = 100, 20, 0.99
+HORIZON, EPISODES, GAMMA, GAE_LAMBDA = 100, 20, 0.99, 1.0
 policy = GaussianMLPPolicy(obs_dim=2, act_dim=2, hidden=(64, 64))
 
 
 def dist(params, obs):
-    return functional_call(policy, params, (obs,))
+    return action_distribution(policy, params, obs)
 
 
-def rollout(params, goals, generator, batched_params):
-    """Episodes of ``params`` (one tree, or one per task when ``batched_params``) on every
-    goal: a dict of ``[tasks, H, E, ...]`` tensors."""
-    env = BatchedNavigation2D(num_envs_per_task=EPISODES, horizon=HORIZON)
-    obs = env.reset(goals)
-    mean_and_std = vmap(lambda p, o: (dist(p, o).mean, dist(p, o).stddev), in_dims=(0 if batched_params else None, 0))
-    steps = {"obs": [], "actions": [], "rewards": []}
-    with torch.no_grad():
-        for _ in range(HORIZON):
-            mean, std = mean_and_std(params, obs)
-            actions = mean + std * torch.randn(mean.shape, generator=generator)
-            next_obs, rewards, _, _ = env.step(actions)
-            for key, value in zip(steps, (obs, actions, rewards), strict=True):
-                steps[key].append(value)
-            obs = next_obs
-    batch = {k: torch.stack(v, dim=1) for k, v in steps.items()}
-    time_index = torch.arange(HORIZON, dtype=torch.float32)[None, :, None].expand_as(batch["rewards"])
-    no_flags = torch.zeros_like(batch["rewards"], dtype=torch.bool)
-    returns = vmap(discounted_returns, in_dims=(0, 0, 0, 0, None))(
-        batch["rewards"], no_flags, no_flags, torch.zeros_like(batch["rewards"]), GAMMA)
-    weights = vmap(fit_linear_baseline)(batch["obs"], returns, time_index)
-    values = vmap(linear_baseline_values)(weights, batch["obs"], time_index)
-    batch["advantages"] = vmap(standardize)(returns - values)
-    batch["mean_return"] = batch["rewards"].sum(1).mean()
-    return batch
+def rollout(params, goals, generator, per_task):
+    """``EPISODES`` episodes of ``params`` (one tree, or one per task when ``per_task``) on every goal
+    ``[N, 2]``: the episodes ``[N, T, B, ...]`` and their `TaskData` with advantages."""
+    episodes = sample_navigation(policy, params, goals, EPISODES, HORIZON, generator, per_task=per_task)
+    return episodes, task_data(episodes, GAMMA, GAE_LAMBDA)
 
 
 def adapt(meta, batch):
     """One Meta-SGD step on one task's REINFORCE loss: ``theta - alpha (.) grad L``."""
 
     def reinforce(params):
-        return -(dist(params, batch["obs"]).log_prob(batch["actions"]) * batch["advantages"]).mean()
+        return reinforce_loss(dist(params, batch.obs).log_prob(batch.actions), batch.advantages, batch.valid)
 
     learning_rates = tree.map(torch.exp, meta["log_lr"])
     return unroll(reinforce, meta["policy"], meta_sgd(learning_rates), steps=1)
 
 
-def task_terms(meta, train, valid, old_dist_params):
+def task_terms(meta, train, valid, behaviour):
     """The importance-weighted surrogate loss and the KL to the collecting policy, per task."""
-    new = dist(adapt(meta, train), valid["obs"])
-    old = DiagGaussian(*old_dist_params)
-    ratio = torch.exp(new.log_prob(valid["actions"]) - old.log_prob(valid["actions"]))
-    kl = torch.distributions.kl_divergence(old, new).mean()
-    return -(ratio * valid["advantages"]).mean(), kl
+    new = dist(adapt(meta, train), valid.obs)
+    loss = importance_weighted_loss(new.log_prob(valid.actions), behaviour.log_probs, valid.advantages, valid.valid)
+    kl = masked_mean(gaussian_kl(behaviour.mean, behaviour.log_std, new.mean, new.log_std), valid.valid)
+    return loss, kl
 
 
 def meta_iteration(meta, goals, generator):
-    train = rollout(meta["policy"], goals, generator, batched_params=False)
-    per_task = {k: v for k, v in train.items() if k != "mean_return"}
-    adapted = vmap(adapt, in_dims=(None, 0))(meta, per_task)
-    valid = rollout(adapted, goals, generator, batched_params=True)
-    valid_per_task = {k: v for k, v in valid.items() if k != "mean_return"}
-    with torch.no_grad():
-        old_dist_params = vmap(lambda p, o: (dist(p, o).mean, dist(p, o).log_std))(adapted, valid_per_task["obs"])
+    train_episodes, train = rollout(meta["policy"], goals, generator, per_task=False)
+    adapted = tree.detach(vmap(adapt, in_dims=(None, 0))(meta, train))
+    valid_episodes, valid = rollout(adapted, goals, generator, per_task=True)
+    behaviour = behaviour_of(policy, adapted, valid)
 
     def terms(m):
-        return vmap(task_terms, in_dims=(None, 0, 0, 0))(m, per_task, valid_per_task, old_dist_params)
+        return vmap(task_terms, in_dims=(None, 0, 0, 0))(m, train, valid, behaviour)
 
     new_meta, info = trpo_step(lambda m: terms(m)[0].mean(), lambda m: terms(m)[1].mean(), meta, max_kl=0.01)
-    return new_meta, info, float(train["mean_return"]), float(valid["mean_return"])
+    before, after = (float(e.episode_returns().mean()) for e in (train_episodes, valid_episodes))
+    return new_meta, info, before, after
 
 
 def adaptation_gain(meta, goals, generator):
-    before = rollout(meta["policy"], goals, generator, batched_params=False)
-    adapted = vmap(adapt, in_dims=(None, 0))(meta, {k: v for k, v in before.items() if k != "mean_return"})
-    after = rollout(adapted, goals, generator, batched_params=True)
-    return float(before["mean_return"]), float(after["mean_return"])
+    before_episodes, before = rollout(meta["policy"], goals, generator, per_task=False)
+    adapted = vmap(adapt, in_dims=(None, 0))(meta, before)
+    after_episodes, _ = rollout(adapted, goals, generator, per_task=True)
+    return float(before_episodes.episode_returns().mean()), float(after_episodes.episode_returns().mean())
 
 
 def main() -> None:
