@@ -81,6 +81,9 @@ jobs() {  # RUN_DIR ALGORITHM TARGET_ITERATIONS OPTIONS...
   # TD3-MATT with a live attention net (no weight decay on it) to 300k, new seeds 3-6 (2026-12-06, fifth sitting): with
   # the authors' decay the net dies and TD3-MATT is TD3 (ten seeds); seeds 0-2 of the live runs stopped at 200k
   for s in 3 4 5 6; do for t in 100 200 300; do echo "runs/matt-lunar-live/td3-matt-s$s td3-matt $t $LIVE --seed $s"; done; done
+  # a sixth seed of TD3-MATT-DT and TD3-MC to 300k (2026-12-06, sixth sitting; ONLY='matt-lunar/td3-m(att-dt|c)-s5'),
+  # the two learners that had five against TD3's and TD3-MATT's ten; both at once, one per core
+  for t in 100 200 300; do for a in td3-matt-dt td3-mc; do echo "runs/matt-lunar/$a-s5 $a $t $LUNAR --seed 5"; done; done
 }
 
 last_iteration() {  # the last iteration in FOLDER/metrics.csv, 0 without one
